@@ -1,0 +1,15 @@
+"""xatl: turn a pretrained transformer into a linear-cost-inference model by cross-architecture
+transfer learning. `import xatl` registers the model with transformers' `Auto*` classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from xatl.config import XatlConfig
+from xatl.model import XatlCache, XatlForCausalLM, XatlModel
+
+AutoConfig.register(XatlConfig.model_type, XatlConfig, exist_ok=True)
+AutoModel.register(XatlConfig, XatlModel, exist_ok=True)
+AutoModelForCausalLM.register(XatlConfig, XatlForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = ["XatlCache", "XatlConfig", "XatlForCausalLM", "XatlModel", "__version__"]

@@ -1,0 +1,26 @@
+"""Token mixers by name. Each lives in its own module and is imported when first asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+from xatl.mixers.base import Assignment, Mixer, MixerState
+
+# name -> "module:Class"
+MIXERS = {
+    "attention": "xatl.mixers.attention:Attention",
+    "mamba2": "xatl.mixers.mamba2:Mamba2Mixer",
+    "mamba": "xatl.mixers.mamba:MambaMixer",
+    "retention": "xatl.mixers.retention:RetentionMixer",
+    "gla": "xatl.mixers.gla:GatedLinearAttention",
+}
+
+
+def get_mixer_class(name: str) -> type[Mixer]:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; known mixers: {', '.join(MIXERS)}")
+    module, cls = MIXERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["MIXERS", "Assignment", "Mixer", "MixerState", "get_mixer_class"]

@@ -1,0 +1,99 @@
+"""The contract every token mixer keeps, so that the model, the transfer and the engine can treat
+attention, Mamba, Mamba-2, retention and GLA alike.
+
+A mixer maps `(B, T, hidden_size) -> (B, T, hidden_size)`. Its recurrent state is a dict of tensors
+with the batch on dim 0; for every linear-cost mixer each tensor has a fixed size, whatever the
+number of tokens seen (attention's key/value cache is the one that grows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from xatl.config import XatlConfig
+
+MixerState = dict[str, torch.Tensor]
+
+
+@dataclass
+class Assignment:
+    """One tensor of a mixer set from the donor's attention weights.
+
+    `kind` is "copied" when `value` is bit-identical to the single donor tensor in `sources`,
+    "initialised" when it is derived from them (sliced, expanded for grouped-query heads, composed).
+    """
+
+    param: str  # name relative to the mixer, e.g. "out_proj.weight"
+    value: torch.Tensor
+    kind: str  # "copied" | "initialised"
+    sources: list[str]  # attention tensor names relative to the layer's attention, e.g. "o_proj.weight"
+    note: str = ""
+
+
+class Mixer(nn.Module):
+    """Base class of the token mixers. Subclasses set `name` and implement the methods below."""
+
+    name: ClassVar[str]
+    #: parameter of the mixer that plays W_O's role (copied in `xatl` transfer mode)
+    output_projection: ClassVar[str]
+
+    @classmethod
+    def default_options(cls, config: XatlConfig) -> dict:
+        """Hyperparameters used when the user gives none, derived from the attention shape."""
+        return {}
+
+    @classmethod
+    def validate_options(cls, config: XatlConfig, options: dict) -> None:
+        """Raise `ValueError` naming the option when a value cannot work."""
+
+    @classmethod
+    def resolve_options(cls, config: XatlConfig, given: dict) -> dict:
+        defaults = cls.default_options(config)
+        unknown = set(given) - set(defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for mixer {cls.name!r}; "
+                f"known: {sorted(defaults)}"
+            )
+        options = {**defaults, **given}
+        cls.validate_options(config, options)
+        return options
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        state: MixerState | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
+        """
+        Args:
+            hidden_states: (B, T, hidden_size), already normalised.
+            position_ids: (B, T) absolute positions of these tokens (for rotary mixers).
+            attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over every
+                token seen so far, these T included (S = tokens in `state` + T); None = no padding.
+            state: this layer's state after the earlier tokens; None starts a fresh sequence.
+            use_cache: return the state after the last of these tokens.
+        Returns:
+            (output (B, T, hidden_size), new state or None)
+        """
+        raise NotImplementedError
+
+    def init_from_attention(
+        self, attention: dict[str, torch.Tensor], config: XatlConfig, *, include_qkv: bool
+    ) -> list[Assignment]:
+        """Tensors of this mixer set from a donor attention layer (`q_proj.weight`, `k_proj.weight`,
+        `v_proj.weight`, `o_proj.weight`, biases where the donor has them). Always the output
+        projection from `o_proj`; with `include_qkv` also the mixer's projections from Q/K/V."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Mixer-specific initialisation, written with `transformers.initialization` so that
+        tensors loaded by `from_pretrained` are left alone. Runs after its submodules' defaults."""
