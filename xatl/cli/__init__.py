@@ -1,0 +1,58 @@
+"""The `xatl` command line: one table of subcommands.
+
+Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`, imported only
+when used (so `xatl --help` stays fast). Packages outside `xatl/` (the service) add commands
+through the `xatl.commands` entry-point group, so `xatl` never imports them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import entry_points
+
+COMMANDS = {
+    "convert": ("xatl.cli.convert", "build a linear-cost model from a donor and transfer its weights"),
+    "train": ("xatl.cli.train", "continue training a converted model (optionally distilling from the donor)"),
+    "eval": ("xatl.cli.eval", "cross-entropy and perplexity of a model on text"),
+    "generate": ("xatl.cli.generate", "stream a completion with the constant-memory engine"),
+}
+
+
+def _all_commands() -> dict[str, tuple[str, str]]:
+    commands = dict(COMMANDS)
+    for ep in entry_points(group="xatl.commands"):
+        commands.setdefault(ep.name, (ep.value, f"(from {ep.value})"))
+    return commands
+
+
+class CLIError(Exception):
+    """An error to report as one line on stderr, without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = _all_commands()
+    parser = argparse.ArgumentParser(prog="xatl", description="Cross-architecture transfer learning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = argv[0] if argv and argv[0] in commands else None
+    modules = {}
+    for name, (module_name, help_text) in commands.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the module that runs
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(command_parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"xatl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
