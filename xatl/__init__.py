@@ -4,6 +4,8 @@ transfer learning. `import xatl` registers the model with transformers' `Auto*` 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from xatl.config import XatlConfig
+from xatl.convert import Conversion, convert, read_transfer_report
+from xatl.donors import Donor, load_donor
 from xatl.model import XatlCache, XatlForCausalLM, XatlModel
 
 AutoConfig.register(XatlConfig.model_type, XatlConfig, exist_ok=True)
@@ -12,4 +14,15 @@ AutoModelForCausalLM.register(XatlConfig, XatlForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["XatlCache", "XatlConfig", "XatlForCausalLM", "XatlModel", "__version__"]
+__all__ = [
+    "Conversion",
+    "Donor",
+    "XatlCache",
+    "XatlConfig",
+    "XatlForCausalLM",
+    "XatlModel",
+    "__version__",
+    "convert",
+    "load_donor",
+    "read_transfer_report",
+]
