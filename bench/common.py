@@ -1,0 +1,74 @@
+"""What every benchmark records beside its numbers: the machine, the versions, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        transformers_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "git_commit": commit,
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers_version},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_results(name: str, payload: dict, markdown: str) -> Path:
+    """Write `results/<name>/results.json` and `results/<name>/README.md`; return the folder."""
+    folder = RESULTS / name
+    folder.mkdir(parents=True, exist_ok=True)
+    env = payload.setdefault("environment", environment())
+    (folder / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    header = (
+        f"Command: `{env['command']}` (commit {env['git_commit']}, {env['date']})\n\n"
+        f"Machine: {env['machine']['cpu']}, {env['machine']['cores']} cores, "
+        f"GPU: {env['machine']['gpu'] or 'none'}; torch {env['versions']['torch']} "
+        f"({env['torch_threads']} threads), transformers {env['versions']['transformers']}\n\n"
+    )
+    (folder / "README.md").write_text(header + markdown.rstrip() + "\n")
+    return folder
+
+
+def timed(fn, *, sync=None) -> float:
+    """Seconds one call of `fn` takes."""
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
