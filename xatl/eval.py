@@ -112,6 +112,7 @@ def run_lm_eval(
     tasks: Sequence[str],
     *,
     include_path: str | Path | None = None,
+    include_defaults: bool = True,
     batch_size: int = 1,
     limit: int | float | None = None,
     device: str = "cpu",
@@ -119,17 +120,20 @@ def run_lm_eval(
 ) -> dict:
     """lm-evaluation-harness `simple_evaluate` on a saved model, with `xatl` registered first.
 
-    `include_path` adds a folder of task YAML files (tasks defined locally). Returns the harness's
-    results dict (`results[task][metric]`).
+    `include_path` adds a folder of task YAML files (tasks defined locally); `include_defaults=False`
+    skips indexing the harness's thousands of built-in tasks (seconds) when only local ones run.
+    Returns the harness's results dict (`results[task][metric]`).
     """
-    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
     import xatl  # noqa: F401  (the harness loads the model through AutoModelForCausalLM)
 
-    task_manager = lm_eval.tasks.TaskManager(include_path=str(include_path) if include_path else None)
-    return lm_eval.simple_evaluate(
+    task_manager = TaskManager(include_path=str(include_path) if include_path else None,
+                               include_defaults=include_defaults)
+    return simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        model_args={"pretrained": str(model_dir), "dtype": "float32", "backend": "causal"},
         tasks=list(tasks),
         batch_size=batch_size,
         limit=limit,
