@@ -1,0 +1,29 @@
+"""Serving a model with constant memory per stream: the continuous-batching engine, sampling,
+incremental detokenisation and per-request figures."""
+
+from xatl.serving.engine import (
+    FINISH_REASONS,
+    AsyncGenerationStream,
+    Engine,
+    EngineStats,
+    GenerationEvent,
+    GenerationStream,
+)
+from xatl.serving.figures import RequestFigures, peak_memory_bytes
+from xatl.serving.sampling import SamplingParams, sample_next_tokens
+from xatl.serving.text import IncrementalDetokenizer, StopMatcher
+
+__all__ = [
+    "FINISH_REASONS",
+    "AsyncGenerationStream",
+    "Engine",
+    "EngineStats",
+    "GenerationEvent",
+    "GenerationStream",
+    "IncrementalDetokenizer",
+    "RequestFigures",
+    "SamplingParams",
+    "StopMatcher",
+    "peak_memory_bytes",
+    "sample_next_tokens",
+]
