@@ -172,3 +172,12 @@ def test_donor_config_json_fields_are_what_transformers_wrote(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old_style))
     config = load_donor(str(tmp_path)).config
     assert (config.partial_rotary_factor, config.rope_theta) == (0.25, 1000.0)
+
+
+def test_token_ids_outside_the_vocabulary_are_dropped(tmp_path):
+    randomize(LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(pad_token_id=-1, eos_token_id=[2, 5000], bos_token_id=VOCAB)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    donor_config = load_donor(str(tmp_path)).config
+    assert (donor_config.pad_token_id, donor_config.eos_token_id, donor_config.bos_token_id) == (None, [2], None)

@@ -34,7 +34,7 @@ def read_config(config: dict) -> dict:
         "attention_out_bias": True,
         "parallel_residual": False,
         "tie_word_embeddings": config.get("tie_word_embeddings", True),
-        **special_token_ids(config),
+        **special_token_ids(config, config["vocab_size"]),
     }
 
 

@@ -29,7 +29,7 @@ def read_config(config: dict) -> dict:
         "attention_out_bias": bias,
         "parallel_residual": config.get("use_parallel_residual", True),
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
-        **special_token_ids(config),
+        **special_token_ids(config, config["vocab_size"]),
     }
 
 

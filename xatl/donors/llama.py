@@ -33,7 +33,7 @@ def _llama_shape(config: dict, *, qkv_bias: bool, out_bias: bool) -> dict:
         "attention_out_bias": out_bias,
         "parallel_residual": False,
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
-        **special_token_ids(config),
+        **special_token_ids(config, config["vocab_size"]),
     }
 
 

@@ -251,8 +251,16 @@ def rope_settings(config: dict, *, default_partial: float = 1.0) -> dict:
     return {"rope_theta": float(theta), "partial_rotary_factor": float(partial)}
 
 
-def special_token_ids(config: dict) -> dict:
-    return {key: config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+def special_token_ids(config: dict, vocab_size: int) -> dict:
+    """bos/eos/pad ids, without those outside the vocabulary (old configs carry `pad_token_id: -1`,
+    which an embedding's `padding_idx` would read as the last token)."""
+
+    def in_vocab(token_id):
+        if isinstance(token_id, list):  # several eos ids
+            return [i for i in token_id if 0 <= i < vocab_size] or None
+        return token_id if token_id is not None and 0 <= token_id < vocab_size else None
+
+    return {key: in_vocab(config.get(key)) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def refuse(config: dict, family: str, settings: dict) -> None:
