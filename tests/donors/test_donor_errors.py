@@ -57,8 +57,11 @@ def test_pickle_only_directory_is_refused_without_unpickling(llama_dir, tmp_path
 
 def test_pickle_file_given_directly_is_refused(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04" + bytes(60))
-    with pytest.raises(DonorError, match="looks like a PyTorch pickle"):
+    with pytest.raises(DonorError, match="ckpt.pt is a pickle checkpoint, which xatl never opens"):
         load_donor(str(tmp_path / "ckpt.pt"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + bytes(60))  # torch.save's zip
+    with pytest.raises(DonorError, match="pytorch_model.bin looks like a PyTorch pickle"):
+        load_donor(str(tmp_path / "pytorch_model.bin"))
 
 
 def test_shape_mismatch_names_the_tensor(llama_dir, tmp_path):

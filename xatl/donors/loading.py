@@ -28,6 +28,10 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
+REFUSE_PICKLES = (
+    "which xatl never opens because unpickling can run arbitrary code: convert them to safetensors "
+    "first (for a checkpoint you trust: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out))"
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -42,8 +46,10 @@ def load_donor(source: str, *, tokenizer: str | None = None, dtype: torch.dtype 
     if path.is_file():
         if path.suffix == ".safetensors" or path.name == "config.json":
             raise DonorError(f"{path} is one file of a model: pass the directory that holds it")
+        if path.suffix in PICKLE_SUFFIXES and path.suffix != ".bin":  # .bin: llama2.c's suffix too
+            raise DonorError(f"{path} is a pickle checkpoint, {REFUSE_PICKLES}")
         return _from_llama2c(path, tokenizer, dtype)
-    if _HUB_ID.fullmatch(source) and not source.startswith("."):
+    if _HUB_ID.fullmatch(source):
         return _from_directory(_download(source), source, tokenizer, dtype)
     raise DonorError(f"donor {source} does not exist")
 
@@ -81,11 +87,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / name for name in shards]
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise DonorError(
-            f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}), which xatl never opens "
-            "because unpickling can run arbitrary code: convert them to safetensors first (for a "
-            "checkpoint you trust: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out))"
-        )
+        raise DonorError(f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}), {REFUSE_PICKLES}")
     raise DonorError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
