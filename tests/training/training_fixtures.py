@@ -65,3 +65,15 @@ def write_model_dir(path: Path, model, tokenizer, copied: list[str]) -> Path:
     ]
     (path / "transfer_report.json").write_text(json.dumps({"mode": "xatl", "tensors": tensors}))
     return path
+
+
+def corpus_blocks(tokenizer, block_size: int = 16, count: int = 60, seed: int = 0) -> list:
+    """Training blocks of the synthetic corpus (a list: re-iterable, cheap)."""
+    from xatl.data import TextBlocks
+
+    texts = documents(count, seed)
+    return list(TextBlocks(lambda: iter(texts), tokenizer, block_size))
+
+
+def parameters(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

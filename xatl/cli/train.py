@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
 
+    from xatl.data import resolve_paths
     from xatl.eval import load_model
     from xatl.training import TrainConfig, read_transfer_report, train, transferred_names
 
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.distill and not args.teacher:
         raise ValueError(f"--distill {config.distill} needs --teacher")
+    resolve_paths(args.data + (args.valid_data or []))  # a wrong path fails now, not after loading
+    transformers_logging.disable_progress_bar()  # ours is the one progress bar
 
     # 1. Processes and device: torchrun sets up the group; one process otherwise
     if torch.distributed.is_torchelastic_launched() and not dist.is_initialized():
@@ -163,12 +167,11 @@ def _load_teacher(source: str, tokenizer: str | None, device):
     import torch
 
     from xatl.convert import convert
-    from xatl.eval import load_model
+    from xatl.model import XatlForCausalLM
 
     path = Path(source)
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "xatl":
-        teacher, _ = load_model(path, device=device, dtype=torch.float32)
-        return teacher
+        return XatlForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     teacher = convert(source, tokenizer=tokenizer, mixer="attention", transfer="xatl").model
     return teacher.to(device=device, dtype=torch.float32)
 
