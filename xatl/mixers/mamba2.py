@@ -176,9 +176,9 @@ class Mamba2Mixer(Mixer):
             y, ssm_state = self._scan(x, dt, A, B, C, initial, use_cache)
         y = y.to(dt.dtype) + x.to(dt.dtype) * self.D.to(dt.dtype)[:, None]  # (B, T, H, P)
 
-        # 5. gated norm and output projection
-        y = self.norm(y.to(hidden_states.dtype).reshape(batch, length, self.inner_size), z)
-        out = self.out_proj(y)
+        # 5. gated norm (in float32 at least) and output projection
+        y = self.norm(y.reshape(batch, length, self.inner_size), z)
+        out = self.out_proj(y.to(hidden_states.dtype))
         return out, ({"conv": conv_state, "ssm": ssm_state} if use_cache else None)
 
     def _ssm_inputs(self, hidden_states, attention_mask, state, use_cache):
