@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from xatl.ops.gla import chunk_gla, gla_step, naive_gla
+from xatl.ops.gla import SUB_CHUNK, chunk_gla, gla_step, naive_gla
 from xatl.ops.simple_gla import chunk_simple_gla
 
 
@@ -17,7 +17,7 @@ def _inputs(batch, length, heads, key_dim, value_dim, dtype, decay_scale=0.5, se
 
 @pytest.mark.parametrize(
     "length,chunk_size",
-    [(1, 16), (16, 16), (77, 16), (45, 8), (100, 32), (130, 64)],
+    [(1, 16), (16, 16), (77, 16), (30, 3), (45, 4), (100, 32), (130, 64)],
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "initial_state"])
@@ -75,4 +75,4 @@ def test_a_decay_shared_by_every_key_dimension_is_simple_gla():
 def test_chunk_size_that_does_not_tile_into_sub_chunks_is_refused():
     q, k, v, g, _ = _inputs(1, 8, 1, 4, 4, torch.float32)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunk_gla(q, k, v, g, chunk_size=24)
+        chunk_gla(q, k, v, g, chunk_size=SUB_CHUNK + 2)
