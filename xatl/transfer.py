@@ -59,7 +59,10 @@ class TensorOrigin:
     name: str
     shape: list[int]
     numel: int
-    origin: str  # "copied" | "initialised" | "random" | "tied"
+    # "copied" (bit-identical to one donor tensor), "initialised" (derived from donor tensors),
+    # "set" (a fixed value chosen for the transfer, no donor source: e.g. a pass-through conv),
+    # "random" (the mixer's own initialisation) or "tied" (shares another tensor)
+    origin: str
     donor_tensors: list[str] = field(default_factory=list)  # canonical donor names
     donor_sources: list[str] = field(default_factory=list)  # as named in the donor checkpoint
     note: str = ""
@@ -75,7 +78,8 @@ class TransferReport:
     def summary(self) -> dict:
         counted = [t for t in self.tensors if t.origin != "tied"]
         total = sum(t.numel for t in counted)
-        by_origin = {o: sum(t.numel for t in counted if t.origin == o) for o in ("copied", "initialised", "random")}
+        by_origin = {o: sum(t.numel for t in counted if t.origin == o)
+                     for o in ("copied", "initialised", "set", "random")}
         return {
             "parameters": total,
             **{f"{o}_parameters": n for o, n in by_origin.items()},
@@ -131,7 +135,8 @@ def transfer_weights(donor: Donor, model: XatlForCausalLM, mode: str) -> Transfe
             attention = donor.attention_weights(layer_idx)
             prefix = f"model.layers.{layer_idx}.mixer."
             for a in layer.mixer.init_from_attention(attention, model.config, include_qkv=mode == "xatl+qkv"):
-                assign(prefix + a.param, a.value, a.kind, [prefix + s for s in a.sources], a.note)
+                kind = a.kind if a.sources else "set"  # nothing came from the donor
+                assign(prefix + a.param, a.value, kind, [prefix + s for s in a.sources], a.note)
 
     # 3. what is left is random (its own init), or tied to a tensor reported above
     tensors = []
