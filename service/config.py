@@ -1,0 +1,45 @@
+"""Service settings, from the environment (prefix `XATL_`) or from `xatl serve`'s options.
+
+The data directory (`--data-dir`, env `XATL_HOME`, default `./data`) holds the stored API key and,
+by default, the models (`models/` under it: each folder there is a servable model). It is not
+`XATL_DATA_DIR`, which names the data sets that tests and benchmarks read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", populate_by_name=True)
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys accepted by every route but /health (comma-separated)"
+    )
+    data_dir: Path = Field(Path("data"), validation_alias="XATL_HOME", description="the service's own files")
+    models_dir: Path | None = Field(None, description="folder of servable models; default: <data_dir>/models")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_prompt_tokens: int = Field(16384, ge=1, description="longest prompt accepted, in tokens")
+    max_tokens: int = Field(4096, ge=1, description="largest `max_tokens` a request may ask for")
+    max_concurrent_streams: int = Field(256, ge=1, description="requests in flight at once (more get 429)")
+    max_batch_size: int = Field(64, ge=1, description="requests one engine decodes together; others wait")
+    loaded_models: int = Field(2, ge=1, description="models kept loaded (least recently used idle ones leave)")
+    device: str = "cpu"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"

@@ -1,0 +1,109 @@
+"""The models the service can serve: every folder of the models directory with a `config.json`,
+loaded on its first request and kept loaded (the least recently used idle ones leave when more
+than `capacity` are loaded). Loading imports torch; listing does not."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.concurrency import run_in_threadpool
+
+if TYPE_CHECKING:
+    from xatl.serving import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    name: str
+    path: Path
+    created: int  # the folder's modification time, seconds since the epoch
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ModelRegistry:
+    """
+    Args:
+        models_dir: folder whose sub-folders are models, served under their folder names.
+        capacity: models kept loaded at once.
+        device: where models are loaded ("cpu", "cuda", ...).
+        max_batch_size: each engine's decode batch.
+        torch_threads: torch intra-op threads, set when the first model loads.
+    """
+
+    def __init__(self, models_dir: Path, *, capacity: int = 2, device: str = "cpu",
+                 max_batch_size: int = 64, torch_threads: int | None = None):
+        self.models_dir = models_dir
+        self.capacity = capacity
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.torch_threads = torch_threads
+        self._engines: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    def folders(self) -> list[ModelFolder]:
+        if not self.models_dir.is_dir():
+            return []
+        return [
+            ModelFolder(path.name, path, int(path.stat().st_mtime))
+            for path in sorted(self.models_dir.iterdir())
+            if (path / "config.json").is_file()
+        ]
+
+    def folder(self, name: str) -> ModelFolder:
+        for folder in self.folders():
+            if folder.name == name:
+                return folder
+        raise ModelNotFound(name)
+
+    async def engine(self, name: str) -> Engine:
+        """The engine of model `name`, loading it (off the event loop) on first use."""
+        if name in self._engines:
+            self._engines.move_to_end(name)
+            return self._engines[name]
+        folder = self.folder(name)
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:  # concurrent first requests load the model once
+            if name not in self._engines:
+                self._engines[name] = await run_in_threadpool(self._load, folder.path)
+                logger.info("loaded model %s from %s", name, folder.path)
+                self._evict_idle(keep=name)
+        self._engines.move_to_end(name)
+        return self._engines[name]
+
+    def loaded(self) -> dict[str, Engine]:
+        return dict(self._engines)
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+    def _load(self, path: Path) -> Engine:
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        from xatl.serving import Engine
+
+        transformers_logging.disable_progress_bar()  # no bars in the service's log
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        return Engine.from_pretrained(path, device=self.device, max_batch_size=self.max_batch_size)
+
+    def _evict_idle(self, keep: str) -> None:
+        for name in list(self._engines):
+            if len(self._engines) <= self.capacity:
+                return
+            stats = self._engines[name].stats()
+            if name != keep and stats.running == 0 and stats.waiting == 0:
+                self._engines.pop(name).close()
+                logger.info("unloaded model %s (least recently used)", name)

@@ -1,0 +1,1 @@
+"""One router per resource; `service.main` mounts them, with the API key check on all but health."""

@@ -1,0 +1,52 @@
+"""`/v1/models` lists the model folders; `/metrics` exposes latency histograms, token counters,
+running and waiting requests and state bytes in Prometheus format."""
+
+import httpx
+import openai
+from service_fixtures import API_KEY, metric
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_models_are_the_folders_with_a_config(server):
+    client = openai.OpenAI(api_key=API_KEY, base_url=server.url + "/v1", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-attention", "tiny-gla"]  # not "not-a-model"
+    assert all(m.object == "model" and m.owned_by == "xatl" and m.created > 0 for m in models.data)
+    assert client.models.retrieve("tiny-gla").id == "tiny-gla"
+
+
+def test_models_load_on_first_request_and_stay(make_server):
+    with make_server(loaded_models=1) as fresh:
+        assert fresh.app.state.registry.loaded() == {}
+        client = openai.OpenAI(api_key=API_KEY, base_url=fresh.url + "/v1", max_retries=0)
+        client.completions.create(model="tiny-gla", prompt="x", max_tokens=1)
+        engine = fresh.engine("tiny-gla")
+        client.completions.create(model="tiny-gla", prompt="y", max_tokens=1)
+        assert fresh.engine("tiny-gla") is engine  # loaded once
+        client.completions.create(model="tiny-attention", prompt="x", max_tokens=1)
+        assert list(fresh.app.state.registry.loaded()) == ["tiny-attention"]  # one kept: the idle one left
+
+
+def test_metrics_after_completions(server):
+    client = openai.OpenAI(api_key=API_KEY, base_url=server.url + "/v1", max_retries=0)
+    for _ in range(2):
+        client.completions.create(model="tiny-gla", prompt="Once upon", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    response = httpx.get(server.url + "/metrics", headers=AUTH)
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for family in ("xatl_time_to_first_token_seconds", "xatl_inter_token_latency_seconds",
+                   "xatl_e2e_request_latency_seconds"):
+        assert f"# TYPE {family} histogram" in text
+    tiny = {"model": "tiny-gla"}
+    assert metric(server, "xatl_generation_tokens_total", **tiny) >= 10
+    assert metric(server, "xatl_prompt_tokens_total", **tiny) >= 6
+    assert metric(server, "xatl_time_to_first_token_seconds_count", **tiny) >= 2
+    assert metric(server, "xatl_inter_token_latency_seconds_count", **tiny) >= 8
+    assert metric(server, "xatl_e2e_request_latency_seconds_count", **tiny) >= 2
+    assert metric(server, "xatl_requests_total", finish_reason="length", **tiny) >= 2
+    assert "xatl_requests_running{" in text and "xatl_requests_waiting{" in text and "xatl_state_bytes{" in text
+    assert metric(server, "xatl_requests_running", **tiny) == 0
+    assert metric(server, "xatl_state_bytes", **tiny) == 0
+    assert metric(server, "process_resident_memory_bytes") > 0
