@@ -115,6 +115,18 @@ def test_decay_defaults_to_scalar_and_rotary_follows_the_donor():
     assert tiny_config(position_embedding_type="learned").mixer_options["gla"]["use_rope"] is False
 
 
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("length", [1, 3], ids=["step", "chunk"])
+def test_padded_tokens_leave_a_carried_state_untouched(decay, length):
+    mixer = make_mixer(decay)
+    _, state = mixer(torch.randn(2, 5, HIDDEN, dtype=torch.float64), use_cache=True)
+    mask = torch.tensor([[1] * 5 + [0] * length, [1] * 5 + [1] * length])  # row 0: padding
+    positions = torch.full((2, length), 5)
+    _, after = mixer(torch.randn(2, length, HIDDEN, dtype=torch.float64), position_ids=positions,
+                     attention_mask=mask, state=state, use_cache=True)
+    torch.testing.assert_close(after["recurrent_state"][0], state["recurrent_state"][0], rtol=0, atol=0)
+    assert not torch.equal(after["recurrent_state"][1], state["recurrent_state"][1])
+
 @pytest.mark.parametrize(
     "options,message",
     [
