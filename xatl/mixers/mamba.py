@@ -212,8 +212,7 @@ class MambaMixer(Mixer):
             new_state = state.clone()  # the kernel updates the state in place
             y = selective_state_update(new_state, x, dt.to(x.dtype), A.float(), B, C, self.D.float(), z=z)
             return y, new_state
-        y, new_state = selective_state_step(state, x, dt, A, B, C, D=self.D, z=z)
-        return y, new_state
+        return selective_state_step(state, x, dt, A, B, C, D=self.D, z=z)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         if not (self.use_kernels and x.is_cuda and x.dtype in KERNEL_DTYPES):

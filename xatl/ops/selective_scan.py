@@ -234,7 +234,7 @@ def selective_state_step(
     """
     acc = state.dtype
     dt = _time_step(dt.to(acc), dt_bias, dt_softplus)
-    decay = torch.exp(dt[..., None] * A.to(acc))  # (B, D, N)
+    decay = (dt[..., None] * A.to(acc)).clamp(min=_log_floor(acc)).exp()  # (B, D, N), floored as in the scan
     state = decay * state + (dt * x.to(acc))[..., None] * B.to(acc)[:, None, :]
     out = torch.einsum("bdn,bn->bd", state, C.to(acc))
     return _skip_and_gate(out, x.to(acc), D, z).to(x.dtype), state
