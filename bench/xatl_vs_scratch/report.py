@@ -1,0 +1,130 @@
+"""From finished runs to the reported numbers: speed-ups, gap closed, a table and the curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GOALS = {"xatl": 4.0, "xatl+qkv": 8.0}  # speed-up goals of the issue
+GAP_GOAL = 0.75  # share of the scratch -> donor gap the best variant should close
+
+
+def crossing_step(curve: list[list[float]], target: float) -> float | None:
+    """First step at which the validation curve reaches `target`, linearly interpolated between
+    evaluations; None if it never does."""
+    for (step_a, loss_a), (step_b, loss_b) in zip(curve, curve[1:]):
+        if loss_a <= target:
+            return step_a
+        if loss_b <= target:
+            return step_a + (step_b - step_a) * (loss_a - target) / (loss_a - loss_b)
+    return curve[-1][0] if curve and curve[-1][1] <= target else None
+
+
+def summarize(runs: dict[str, dict], donor_loss: float) -> dict[str, dict]:
+    """Per variant: final loss, speed-up to scratch's final loss, gain at equal steps, gap closed."""
+    scratch = runs["scratch"]
+    target = scratch["final_loss"]
+    scratch_steps = crossing_step(scratch["curve"], target)
+    gap = target - donor_loss
+    summary = {}
+    for name, run in runs.items():
+        steps = crossing_step(run["curve"], target)
+        summary[name] = {
+            "lr": run["lr"],
+            "final_loss": run["final_loss"],
+            "steps_to_scratch_final": steps,
+            # None: never reached; reached at step 0 (transfer alone): no finite ratio, see the table
+            "speedup": scratch_steps / steps if steps else None,
+            "gain_at_equal_steps_pct": 100 * (target - run["final_loss"]) / target,
+            "gap_closed": (target - run["final_loss"]) / gap if gap > 0 else None,
+            "tokens_per_second": run["tokens_per_second"],
+            "seconds": run["seconds"],
+        }
+    return summary
+
+
+def _fmt(value, pattern="{:.3f}", missing="–") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def markdown(results: dict) -> str:
+    lines = ["# XATL vs training from scratch", ""]
+    lines += [
+        "Same target architecture (every attention replaced by the `{mixer}` mixer, or two layers kept as "
+        "attention for the hybrid) and the same token budget for every variant; validation cross-entropy in "
+        "nats/token over windows of {window} predicted tokens. Speed-up = steps from-scratch needs to reach its "
+        "own final validation loss ÷ steps the variant needs to reach it (interpolated between evaluations "
+        "every {eval_every} steps). Gap closed = (scratch final − variant final) ÷ (scratch final − donor)."
+        .format(mixer=results["settings"]["mixer"], window=results["settings"]["eval_window"],
+                eval_every=results["settings"]["eval_every"]),
+        "",
+    ]
+    for donor, block in results["donors"].items():
+        lines += [f"## {donor}", "", f"Donor (ceiling): **{block['donor_loss']:.4f}**; "
+                  f"{block['settings_line']}", ""]
+        lines += ["| variant | lr | step 0 | final loss | speed-up | gain at equal steps | gap closed | tokens/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, row in block["summary"].items():
+            step0 = block["runs"][name]["curve"][0][1]
+            lines.append(
+                f"| {block['labels'][name]} | {row['lr']:g} | {step0:.3f} | {row['final_loss']:.4f} | "
+                f"{_speedup(row)} | {row['gain_at_equal_steps_pct']:.1f}% | "
+                f"{_fmt(row['gap_closed'], '{:.0%}')} | {_fmt(row['tokens_per_second'], '{:,.0f}')} |"
+            )
+        if block["sweep_steps"]:
+            lines += ["", "Learning-rate sweep (final validation loss of a run of "
+                      f"{block['sweep_steps']} steps per rate; the best rate is used for the full run):", ""]
+            rates = sorted({float(lr) for sweep in block["sweeps"].values() for lr in sweep})
+            lines += ["| variant | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+                      "|---|" + "---|" * len(rates)]
+            for name, sweep in block["sweeps"].items():
+                cells = [_fmt(sweep.get(str(lr)), "{:.4f}") for lr in rates]
+                lines.append(f"| {block['labels'][name]} | " + " | ".join(cells) + " |")
+        lines += ["", _goals(block), ""]
+    lines += ["![validation curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _speedup(row: dict) -> str:
+    if row["steps_to_scratch_final"] == 0:
+        return "at step 0"
+    return _fmt(row["speedup"], "{:.2f}x", "not reached")
+
+
+def _goals(block: dict) -> str:
+    summary = block["summary"]
+    parts = []
+    for name, goal in GOALS.items():
+        if name in summary:
+            value = summary[name]["speedup"]
+            status = "met" if value and value >= goal else "NOT met"
+            status = "met" if summary[name]["steps_to_scratch_final"] == 0 else status
+            parts.append(f"`{name}` speed-up {_speedup(summary[name])} (goal ≥{goal:g}x: {status})")
+    gaps = {n: r["gap_closed"] for n, r in summary.items() if r["gap_closed"] is not None and n != "scratch"}
+    if gaps:
+        best = max(gaps, key=gaps.get)
+        status = "met" if gaps[best] >= GAP_GOAL else "NOT met"
+        parts.append(f"best variant `{best}` closes {gaps[best]:.0%} of the gap (goal ≥{GAP_GOAL:.0%}: {status})")
+    return "Goals: " + "; ".join(parts) + "."
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    donors = results["donors"]
+    figure, axes = plt.subplots(1, len(donors), figsize=(6.5 * len(donors), 4.5), squeeze=False)
+    for axis, (donor, block) in zip(axes[0], donors.items()):
+        for name, run in block["runs"].items():
+            steps, losses = zip(*run["curve"][1:])  # step 0 (transfer alone) is off the scale
+            axis.plot(steps, losses, label=f"{block['labels'][name]} (lr {run['lr']:g})")
+        axis.axhline(block["donor_loss"], color="black", linestyle="--", linewidth=1, label="donor")
+        axis.set_title(donor)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("validation loss (nats/token)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

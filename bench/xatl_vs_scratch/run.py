@@ -1,0 +1,302 @@
+"""XATL vs from-scratch, side by side, on two donors: the reproduction of the project's claim.
+
+For each donor (stories260K on TinyStories; a Llama pretrained here on Gutenberg books) and each
+variant, the same target architecture is trained for the same number of tokens:
+
+    scratch    every weight random (transfer `none`)
+    xatl       embeddings, norms, MLPs, head and W_O from the donor
+    xatl+qkv   + the mixers' q/k/v from the donor's Q/K/V
+    xatl+kl    `xatl`, trained with logit distillation from the donor
+    hybrid     `xatl+qkv` with attention kept at two layers
+
+Each variant's learning rate comes from a short sweep this command runs (and reports); the full
+runs then record validation curves. Results go to bench/results/xatl_vs_scratch/: results.json,
+README.md (tables, goals, settings, machine) and curves.png. Finished runs are cached under
+bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interrupted run continues.
+
+    .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine
+    .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
+    .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from common import environment, write_results  # noqa: E402
+from report import markdown, plot, summarize  # noqa: E402
+from tasks import CACHE, Task, gutenberg_task, stories_task  # noqa: E402
+
+VARIANTS = {
+    "scratch": {"transfer": "none", "label": "scratch"},
+    "xatl": {"transfer": "xatl", "label": "xatl"},
+    "xatl+qkv": {"transfer": "xatl+qkv", "label": "xatl+qkv"},
+    "xatl+kl": {"transfer": "xatl", "distill": "kl", "label": "xatl + logit KL"},
+    "hybrid": {"transfer": "xatl+qkv", "hybrid": True, "label": "hybrid (xatl+qkv, attention at {layers})"},
+}
+
+SCALES = {
+    "cpu": {
+        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=300,
+                            eval_every=25, warmup_steps=30),
+        "gutenberg": dict(block_size=256, eval_window=256, valid_windows=64, batch_size=8, steps=250,
+                          eval_every=25, warmup_steps=30,
+                          donor=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                                     num_attention_heads=4, steps=1200, batch_size=8, lr=3e-3, warmup_steps=50)),
+        "lrs": [1e-3, 3e-3], "sweep_fraction": 1 / 3, "jobs": 2, "threads": 1, "device": "cpu",
+    },
+    "gpu": {
+        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=800,
+                            eval_every=25, warmup_steps=30),
+        "gutenberg": dict(block_size=512, eval_window=512, valid_windows=256, batch_size=16, steps=1500,
+                          eval_every=50, warmup_steps=50,
+                          donor=dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                     num_attention_heads=8, steps=6000, batch_size=32, lr=2e-3, warmup_steps=200)),
+        "lrs": [1e-3, 2e-3, 3e-3, 6e-3], "sweep_fraction": 1 / 3, "jobs": 1, "threads": 0, "device": "cuda",
+    },
+}
+COMMON = dict(mixer="gla", kl_weight=0.5, temperature=1.0, weight_decay=0.1, min_lr_ratio=0.1, seed=0)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def hybrid_layers(num_layers: int) -> list[int]:
+    """Two attention layers, a quarter and three quarters of the way up (5 layers: 1 and 3)."""
+    return [num_layers // 4, (3 * num_layers) // 4]
+
+
+# -- one training run (in a worker process) -------------------------------------------------------
+
+def run_one(spec: dict) -> dict:
+    """Convert the donor as `spec` says, train it, record its validation curve. Cached by spec."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from xatl.convert import convert
+    from xatl.eval import evaluate_loss
+    from xatl.training import TrainConfig, train
+
+    transformers_logging.disable_progress_bar()
+    folder = Path(spec["folder"])
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        cached = json.loads(result_file.read_text())
+        if cached["spec"] == spec:
+            return cached
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)  # exp of long cumulative decays: denormals slow CPUs severalfold
+    task = Task(**{**spec["task"], "folder": Path(spec["task"]["folder"])})
+    donor = task.load_donor()
+    variant = VARIANTS[spec["variant"]]
+    layers = hybrid_layers(task.num_layers) if variant.get("hybrid") else []
+    device = torch.device(spec["device"])
+    model = convert(donor, mixer=spec["mixer"], attention_layers=layers, transfer=variant["transfer"],
+                    seed=spec["seed"]).model.float().to(device)
+    teacher = None
+    if variant.get("distill"):
+        teacher = convert(donor, mixer="attention", transfer="xatl").model.float().to(device)
+    train_blocks, valid = task.blocks("train"), task.blocks("valid")
+    curve = [[0, evaluate_loss(model, valid, batch_size=16).loss]] if spec["eval_every"] else []
+    speeds = []
+
+    def on_step(event: dict) -> None:
+        if event["event"] == "eval":
+            curve.append([event["step"], event["valid_loss"]])
+        elif event["event"] == "train" and event["tokens_per_second"]:
+            speeds.append(event["tokens_per_second"])
+
+    config = TrainConfig(
+        max_steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"],
+        min_lr_ratio=spec["min_lr_ratio"], weight_decay=spec["weight_decay"], distill=variant.get("distill", ""),
+        kl_weight=spec["kl_weight"], temperature=spec["temperature"], seed=spec["seed"],
+        eval_every=spec["eval_every"], log_every=10,
+    )
+    start = time.perf_counter()
+    result = train(model, train_blocks, config, valid_blocks=valid, teacher=teacher, out_dir=folder,
+                   on_step=on_step)
+    outcome = {
+        "spec": spec, "lr": spec["lr"], "curve": curve, "final_loss": result.valid_loss,
+        "tokens": result.tokens, "seconds": time.perf_counter() - start,
+        "tokens_per_second": statistics.median(speeds) if speeds else None,
+    }
+    result_file.write_text(json.dumps(outcome, indent=1) + "\n")
+    log(f"{spec['name']}: validation {result.valid_loss:.4f} after {result.step} steps "
+        f"({outcome['seconds']:.0f} s, {outcome['tokens_per_second'] or 0:,.0f} tokens/s)")
+    return outcome
+
+
+def prepare_gutenberg(data_dir: str, settings: dict) -> Task:
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    return gutenberg_task(Path(data_dir), settings, log)
+
+
+# -- the whole comparison ---------------------------------------------------------------------------
+
+def make_spec(task: Task, donor_settings: dict, args, variant: str, lr: float, steps: int, sweep: bool) -> dict:
+    kind = "sweep" if sweep else "final"
+    name = f"{task.name}/{variant}/{kind}-lr{lr:g}"
+    return {
+        "name": name, "folder": str(CACHE / "runs" / task.folder.name / variant / f"{kind}-lr{lr:g}-{steps}"),
+        "task": {**asdict(task), "folder": str(task.folder)}, "variant": variant, "lr": lr, "steps": steps,
+        "batch_size": donor_settings["batch_size"], "warmup_steps": min(donor_settings["warmup_steps"], steps // 4),
+        "eval_every": 0 if sweep else donor_settings["eval_every"], "device": args.device,
+        "threads": args.threads, **{k: v for k, v in COMMON.items() if k != "mixer"}, "mixer": args.mixer,
+        "kl_weight": args.kl_weight,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scale = copy.deepcopy(SCALES[args.scale])
+    data_dir = Path(args.data_dir)
+    jobs = args.jobs or scale["jobs"]
+    log(f"scale {args.scale}: donors {args.donors}, variants {args.variants}, lrs {args.lrs}, {jobs} job(s) "
+        f"of {args.threads or 'all'} thread(s)")
+    settings = {}
+    for donor in args.donors:
+        settings[donor] = scale[donor]
+        if args.steps:
+            settings[donor]["steps"] = args.steps
+        if args.donor_steps and "donor" in settings[donor]:
+            settings[donor]["donor"]["steps"] = args.donor_steps
+        settings[donor] |= {"seed": COMMON["seed"], "device": args.device, "threads": args.threads}
+
+    tasks: dict[str, Task] = {}
+    sweeps: dict[str, dict[str, dict]] = {d: {v: {} for v in args.variants} for d in args.donors}
+    finals: dict[str, dict[str, dict]] = {d: {} for d in args.donors}
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        pending = {}
+
+        def submit_sweeps(donor: str) -> None:
+            task, block = tasks[donor], settings[donor]
+            sweep_steps = max(1, round(block["steps"] * scale["sweep_fraction"]))
+            for variant in args.variants:
+                if len(args.lrs) == 1:
+                    sweeps[donor][variant] = {str(args.lrs[0]): None}
+                    submit_final(donor, variant)
+                    continue
+                for lr in args.lrs:
+                    spec = make_spec(task, block, args, variant, lr, sweep_steps, sweep=True)
+                    pending[pool.submit(run_one, spec)] = ("sweep", donor, variant, lr)
+
+        def submit_final(donor: str, variant: str) -> None:
+            results = sweeps[donor][variant]
+            best = min(results, key=lambda lr: results[lr] if results[lr] is not None else 0.0)
+            spec = make_spec(tasks[donor], settings[donor], args, variant, float(best), settings[donor]["steps"],
+                             sweep=False)
+            pending[pool.submit(run_one, spec)] = ("final", donor, variant, float(best))
+
+        if "gutenberg" in args.donors:  # the donor's pretraining runs beside the first sweeps
+            pending[pool.submit(prepare_gutenberg, str(data_dir), settings["gutenberg"])] = ("prepare", "gutenberg")
+        if "stories260K" in args.donors:
+            tasks["stories260K"] = stories_task(data_dir, settings["stories260K"], log)
+            submit_sweeps("stories260K")
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, donor, *rest = pending.pop(future)
+                outcome = future.result()
+                if kind == "prepare":
+                    tasks[donor] = outcome
+                    submit_sweeps(donor)
+                elif kind == "sweep":
+                    variant, lr = rest
+                    sweeps[donor][variant][str(lr)] = outcome["final_loss"]
+                    if len(sweeps[donor][variant]) == len(args.lrs):
+                        submit_final(donor, variant)
+                else:
+                    finals[donor][rest[0]] = outcome
+
+    results = {"settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs, "variants": args.variants,
+                            "eval_window": settings[args.donors[0]]["eval_window"],
+                            "eval_every": settings[args.donors[0]]["eval_every"], "jobs": jobs,
+                            "threads_per_job": args.threads, "device": args.device, "kl_weight": args.kl_weight,
+                            "per_donor": settings, **{k: v for k, v in COMMON.items() if k != "mixer"}},
+               "wall_seconds": time.perf_counter() - started, "donors": {}}
+    for donor in args.donors:
+        task, block = tasks[donor], settings[donor]
+        runs = {v: finals[donor][v] for v in args.variants}
+        donor_loss = task.donor_loss()
+        labels = {v: VARIANTS[v]["label"].format(layers=",".join(map(str, hybrid_layers(task.num_layers))))
+                  for v in args.variants}
+        results["donors"][donor] = {
+            "donor_loss": donor_loss, "labels": labels, "sweeps": sweeps[donor],
+            "sweep_steps": max(1, round(block["steps"] * scale["sweep_fraction"])) if len(args.lrs) > 1 else 0,
+            "summary": summarize(runs, donor_loss) if "scratch" in runs else {},
+            "runs": runs,
+            "settings_line": (f"{block['steps']} steps × {block['batch_size']} blocks of {block['block_size']} "
+                              f"tokens ({block['steps'] * block['batch_size'] * block['block_size']:,} tokens), "
+                              f"warm-up {min(block['warmup_steps'], block['steps'] // 4)}, cosine to 0.1×, "
+                              "AdamW (0.9, 0.95), wd 0.1 on matrices, clip 1"),
+        }
+        donor_info = task.folder / "donor" / "pretraining.json"
+        if donor_info.is_file():
+            results["donors"][donor]["donor_pretraining"] = json.loads(donor_info.read_text())
+    results["environment"] = environment()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if all(results["donors"][d]["summary"] for d in args.donors):
+        plot(results, out / "curves.png")
+    text = markdown(results) if all(results["donors"][d]["summary"] for d in args.donors) else "(no scratch run)"
+    if out == HERE.parent / "results" / "xatl_vs_scratch":
+        folder = write_results("xatl_vs_scratch", results, text)
+    else:
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "README.md").write_text(text + "\n")
+        folder = out
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {folder}")
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--donors", nargs="+", choices=["stories260K", "gutenberg"],
+                        default=["stories260K", "gutenberg"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--lrs", nargs="+", type=float, help="learning rates swept per variant")
+    parser.add_argument("--steps", type=int, help="optimizer steps of each full run (default: the scale's)")
+    parser.add_argument("--donor-steps", type=int, help="pretraining steps of the Gutenberg donor")
+    parser.add_argument("--mixer", default=COMMON["mixer"], help="the linear-cost mixer replacing attention")
+    parser.add_argument("--kl-weight", type=float, default=COMMON["kl_weight"])
+    parser.add_argument("--jobs", type=int, help="runs side by side (default: the scale's)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--device", help="cpu or cuda (default: the scale's)")
+    parser.add_argument("--data-dir", default=os.environ.get("XATL_DATA_DIR", str(HERE.parents[2] / "shared" / "data")))
+    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "xatl_vs_scratch")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale]
+    args.lrs = args.lrs or scale["lrs"]
+    args.threads = scale["threads"] if args.threads is None else args.threads
+    args.device = args.device or scale["device"]
+    if "scratch" not in args.variants:
+        parser.error("the comparison needs the scratch variant")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
