@@ -3,8 +3,8 @@
 
 Continues training a converted model. Validation text comes from `--valid-data`, or else a
 deterministic `--valid-fraction` of the documents (or blocks, `--split-by block`). Data-parallel
-with `torchrun --nproc-per-node N -m xatl.cli train ...`: each process takes its share of every
-global batch (see `xatl.training.loop`).
+with `torchrun --standalone --nproc-per-node N $(which xatl) train ...` (gloo on CPU, NCCL on
+GPUs): each process takes `--batch-size` blocks of every global batch (see `xatl.training.loop`).
 """
 
 from __future__ import annotations
