@@ -111,3 +111,14 @@ def test_hidden_states_are_embeddings_plus_every_layer():
     out = model(torch.randint(3, 97, (1, 5)), output_hidden_states=True)
     assert len(out.hidden_states) == 4
     assert all(h.shape == (1, 5, 32) for h in out.hidden_states)
+
+
+def test_a_mixer_without_direct_parameters_still_gets_its_own_initialisation():
+    """RetentionMixer keeps all its parameters in child modules; its reset_parameters (RetNet's small
+    xavier, bound 2**-2.5 * sqrt(6 / (fan_in + fan_out))) must still run inside the model."""
+    torch.manual_seed(0)
+    model = xatl.XatlForCausalLM(tiny_config(layer_mixers=["retention", "attention"]))
+    q = model.model.layers[0].mixer.q_proj.weight
+    bound = 2**-2.5 * (6 / sum(q.shape)) ** 0.5
+    assert q.abs().max() <= bound
+    assert q.abs().max() > 0.9 * bound  # uniform over the whole range, not normal(0.02)

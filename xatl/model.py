@@ -111,6 +111,12 @@ class XatlPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["XatlDecoderLayer"]
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # Every init here goes through transformers.initialization (tensors loaded by from_pretrained
+        # are skipped), so no module needs the custom-code shortcut that skips modules without
+        # parameters of their own, such as a mixer whose parameters all live in its Linear children.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised first (Linear, Embedding, norms: transformers' defaults), then
         # each mixer applies its own scheme on top.

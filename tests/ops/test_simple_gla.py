@@ -46,3 +46,10 @@ def test_split_sequence_with_carried_state_equals_whole():
     first, state = chunk_simple_gla(q[:, :37], k[:, :37], v[:, :37], g[:, :37], output_final_state=True)
     second, _ = chunk_simple_gla(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], initial_state=state)
     torch.testing.assert_close(torch.cat([first, second], 1), whole)
+
+
+def test_strong_decays_keep_gradients_finite():
+    (q, k, v, g), _ = _inputs(1, 128, 2, 8, 8, torch.float32, decay_scale=8.0)
+    out, _ = chunk_simple_gla(q, k, v, g)
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v, g])
+    assert all(torch.isfinite(grad).all() for grad in grads)

@@ -53,7 +53,8 @@ def chunk_simple_gla(
 
     # 1. within chunks: o_i += sum_{j<=i} exp(G_i - G_j) (q_i . k_j) v_j
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    log_decay = (g_cum[..., :, None] - g_cum[..., None, :]).clamp(min=MIN_LOG_DECAY)
+    # clamped above at 0 too: the masked upper triangle would overflow exp, and 0 * inf is NaN in backward
+    log_decay = (g_cum[..., :, None] - g_cum[..., None, :]).clamp(min=MIN_LOG_DECAY, max=0.0)
     decay = torch.where(causal, log_decay.exp(), 0.0)  # (B, H, N, C, C)
     scores = (q @ k.transpose(-1, -2)) * decay
     out = scores @ v  # (B, H, N, C, V)
@@ -70,9 +71,10 @@ def chunk_simple_gla(
         else initial_state.to(acc)
     )
     entering = []
-    for n in range(chunks):
+    # unbind, not indexing: each indexed slice's backward would fill a full-size zero tensor
+    for decay_n, added_n in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):
         entering.append(state)
-        state = chunk_decay[:, :, n, None, None] * state + chunk_states[:, :, n]
+        state = decay_n[..., None, None] * state + added_n
     entering = torch.stack(entering, dim=2)  # (B, H, N, K, V)
     from_start = g_cum.clamp(min=MIN_LOG_DECAY).exp()[..., None]  # (B, H, N, C, 1)
     out = out + (q * from_start) @ entering
