@@ -105,6 +105,7 @@ class _SelectiveScanCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_last):
         dt, A, dtu, B, C, initial, states = ctx.saved_tensors
+        grad_y = grad_y.contiguous()  # else G below inherits its strides, and every reshape copies G
         # 1. G: the gradient reaching each state, from the read-out and from later states
         grad = torch.mul(grad_y[..., None], C[:, :, None, :])  # (B, T, D, N)
         grad[:, -1] += grad_last
