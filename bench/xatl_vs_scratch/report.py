@@ -58,9 +58,27 @@ def markdown(results: dict) -> str:
                 eval_every=results["settings"]["eval_every"]),
         "",
     ]
+    settings = results["settings"]
+    lines += [
+        f"tokens/s: median of each run's training throughput, with {settings['jobs']} run(s) side by side "
+        f"({settings['threads_per_job'] or 'all'} thread(s) each) on a machine other work shared; compare "
+        "within a table only. Wall time of the whole command: "
+        f"{results['wall_seconds'] / 60:.0f} min"
+        + (f" ({results['reused_final_runs']} full runs reused from an earlier invocation's cache)."
+           if results["reused_final_runs"] else "."),
+        "",
+    ]
     for donor, block in results["donors"].items():
         lines += [f"## {donor}", "", f"Donor (ceiling): **{block['donor_loss']:.4f}**; "
                   f"{block['settings_line']}", ""]
+        if "donor_pretraining" in block:
+            info = block["donor_pretraining"]
+            config = info["config"]
+            lines += [f"The donor: a transformers Llama of {info['parameters']:,} parameters "
+                      f"({config['num_hidden_layers']} layers, width {config['hidden_size']}, "
+                      f"{config['num_attention_heads']} heads, byte-level BPE of {config['vocab_size']} tokens "
+                      f"trained on the training books), pretrained here for {info['steps']} steps "
+                      f"({info['tokens']:,} tokens, {info['seconds'] / 60:.0f} min).", ""]
         lines += ["| variant | lr | step 0 | final loss | speed-up | gain at equal steps | gap closed | tokens/s |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, row in block["summary"].items():

@@ -98,7 +98,7 @@ def run_one(spec: dict) -> dict:
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
         if cached["spec"] == spec:
-            return cached
+            return {**cached, "reused": True}
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.set_flush_denormal(True)  # exp of long cumulative decays: denormals slow CPUs severalfold
@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     finals[donor][rest[0]] = outcome
 
-    results = {"settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs, "variants": args.variants,
+    reused = sum(run.get("reused", False) for block in finals.values() for run in block.values())
+    results = {"reused_final_runs": reused,
+               "settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs, "variants": args.variants,
                             "eval_window": settings[args.donors[0]]["eval_window"],
                             "eval_every": settings[args.donors[0]]["eval_every"], "jobs": jobs,
                             "threads_per_job": args.threads, "device": args.device, "kl_weight": args.kl_weight,
