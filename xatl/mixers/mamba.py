@@ -194,7 +194,7 @@ class MambaMixer(Mixer):
         # the op's layout is mamba_ssm's: (B, inner, T) and (B, N, T)
         u, delta, z = (t.transpose(1, 2) for t in (x, dt, z))
         B, C = B.transpose(1, 2), C.transpose(1, 2)
-        if initial_state is None and self._kernel_applies(x):
+        if initial_state is None and self._kernel_applies(x):  # the kernel starts from a zero state
             u, delta, B, C, z = (t.contiguous() for t in (u, delta.to(x.dtype), B, C, z))
             y, final_state = selective_scan_fn(
                 u, delta, A.float(), B, C, self.D.float(), z=z, return_last_state=True
