@@ -79,3 +79,22 @@ def test_state_bytes_per_sequence_are_fixed_except_for_attention_layers(plan):
     attention_layers = plan.count("attention")
     config = model.config
     assert per_token == attention_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+
+
+def test_the_compiled_step_equals_the_eager_step_as_rows_join_and_leave():
+    # dynamo's "eager" backend traces the step as inductor would, without a C++ build (minutes here)
+    model = tiny_model(PLANS["gla"], VOCAB)
+    eager, compiled = DecodeBatch(model), DecodeBatch(model)
+    compiled.compile(backend="eager")
+    generator = torch.Generator().manual_seed(0)
+    for step, join in enumerate([7, 3, None, 5]):
+        if join is not None:
+            prompt = torch.randint(3, VOCAB, (1, join), generator=generator)
+            for batch in (eager, compiled):
+                _, states = batch.prefill(prompt)
+                batch.add(states, join)
+        if step == 2:
+            for batch in (eager, compiled):
+                batch.keep([1])
+        tokens = torch.randint(3, VOCAB, (eager.size,), generator=generator)
+        torch.testing.assert_close(compiled.step(tokens), eager.step(tokens), atol=1e-5, rtol=1e-5)

@@ -41,6 +41,13 @@ class DecodeBatch:
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) next position of each row
         self.mask = torch.zeros(0, 0, dtype=torch.bool)  # (B, S) real columns of attention caches
         self.device = model.device
+        self._step_forward = self._forward
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Compile the decode step's forward with `torch.compile` (dynamic shapes, since rows join and
+        leave and attention caches grow). Per-token Python overhead dominates small models on a CPU;
+        the first steps pay for the compilation (about a minute on a 2-core machine)."""
+        self._step_forward = torch.compile(self._forward, backend=backend, dynamic=True)
 
     @property
     def size(self) -> int:
@@ -68,7 +75,7 @@ class DecodeBatch:
             self.mask = F.pad(self.mask, (0, 1), value=True)  # the new token's column: real for all
             mask = None if bool(self.mask.all()) else self.mask.to(self.device)
         position_ids = self.positions[:, None].to(self.device)  # (B, 1)
-        logits = self._forward(token_ids[:, None].to(self.device), position_ids, self.states, mask)
+        logits = self._step_forward(token_ids[:, None].to(self.device), position_ids, self.states, mask)
         self.positions += 1
         return logits
 

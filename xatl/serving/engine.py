@@ -192,9 +192,14 @@ class Engine:
         max_batch_size: requests decoded together; more wait for a free slot.
         background: run the loop on a daemon thread started at the first submission; otherwise
             whoever reads a stream drives the engine (`step()`), as a command-line tool does.
+        compile: compile the decode step with `torch.compile` (True for inductor, or a backend's
+            name); prefill stays eager. See `DecodeBatch.compile`.
     """
 
-    def __init__(self, model: XatlForCausalLM, tokenizer, *, max_batch_size: int = 64, background: bool = True):
+    def __init__(
+        self, model: XatlForCausalLM, tokenizer, *, max_batch_size: int = 64, background: bool = True,
+        compile: bool | str = False,
+    ):
         if not isinstance(model, XatlForCausalLM):
             raise ValueError(f"the engine runs XatlForCausalLM models, got {type(model).__name__}")
         if max_batch_size < 1:
@@ -205,6 +210,8 @@ class Engine:
         self.background = background
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self._batch = DecodeBatch(model)
+        if compile:
+            self._batch.compile("inductor" if compile is True else compile)
         self._running: list[_Sequence] = []  # row i of the batch is _running[i]
         self._waiting: deque[_Sequence] = deque()
         self._work = threading.Condition()

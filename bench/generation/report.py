@@ -1,0 +1,98 @@
+"""The generation benchmark's tables (markdown) and its context plot (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.2f} MiB"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# Generation: constant-memory decoding (converted mixer: `{s['mixer']}`)\n",
+        f"torch threads: {s['threads']} (chosen: the 2-core machine is shared; load average "
+        f"{result['load_average_at_start'][0]:.1f} at the start, {result['load_average_at_end'][0]:.1f} at the "
+        f"end). Our engine's decode step: {'eager' if s['no_compile'] else 'compiled (torch.compile, inductor)'}. "
+        f"Timings of both sides are interleaved; medians.\n",
+        "Parameters: " + "; ".join(f"{name}: donor {p['donor']:,}, converted {p['converted']:,}"
+                                   for name, p in result["parameters"].items()) + "\n",
+        "## 1. State bytes and decode speed against the attention donor with a KV cache\n",
+        "One stream, greedy; the prompt (random tokens) fills the context, then decode steps are timed. "
+        "Predicted speed-up: (weights + KV cache bytes) / (weights + state bytes) read per step.\n",
+        "| size | context | donor state | converted state | donor tok/s | converted tok/s | measured speed-up "
+        "| predicted (bytes) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["contexts"]:
+        lines.append(
+            f"| {row['size']} | {row['context']:,} | {_mib(row['donor_state_bytes'])} | "
+            f"{_mib(row['converted_state_bytes'])} | {row['donor_decode_tokens_per_s']:.1f} | "
+            f"{row['converted_decode_tokens_per_s']:.1f} | {row['measured_speedup']:.2f}x | "
+            f"{row['predicted_speedup']:.2f}x |"
+        )
+    lines += ["", "State growth from the shortest to the longest context (ratio of bytes):\n",
+              "| size | donor | converted |", "|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in result["contexts"]):
+        rows = [r for r in result["contexts"] if r["size"] == size]
+        first, last = rows[0], rows[-1]
+        lines.append(f"| {size} ({first['context']:,} → {last['context']:,}) | "
+                     f"{last['donor_state_bytes'] / first['donor_state_bytes']:.2f} | "
+                     f"{last['converted_state_bytes'] / first['converted_state_bytes']:.2f} |")
+
+    lines += ["", "## 2. Our engine against transformers' `generate()`, same converted weights, one stream\n",
+              f"Prompt {s['prompt_tokens']} tokens, {s['generate_tokens']} new tokens, greedy, end to end "
+              "(prefill included; the engine also detokenises).\n",
+              "| size | transformers generate() | " + " | ".join(
+                  n.replace("_", " ") for n in result["versus_generate"][0]["speedup"]) + " | same tokens |",
+              "|---|---|" + "---|" * (len(result["versus_generate"][0]["speedup"]) + 1)]
+    for row in result["versus_generate"]:
+        rates = row["tokens_per_s"]
+        cells = [f"{rates[n]:.1f} tok/s ({row['speedup'][n]:.2f}x)" for n in row["speedup"]]
+        lines.append(f"| {row['size']} | {rates['transformers_generate']:.1f} tok/s | " + " | ".join(cells)
+                     + f" | {row['same_tokens']} |")
+
+    lines += ["", "## 3. Aggregate decode tokens/s with concurrent streams (converted model, one engine)\n",
+              f"Each stream: a {s['prompt_tokens']}-token prompt, {s['concurrent_tokens']} new tokens; decode "
+              "throughput after all streams are admitted.\n",
+              "| size | streams | decode tok/s | vs one stream | tok/s with prefill |", "|---|---|---|---|---|"]
+    for row in result["concurrency"]:
+        lines.append(f"| {row['size']} | {row['streams']} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row['speedup_over_one_stream']:.2f}x | {row['tokens_per_s_with_prefill']:.1f} |")
+
+    bandwidth = max(result["copy_bandwidth_bytes_per_s"], result["copy_bandwidth_bytes_per_s_at_end"])
+    lines += ["", "## 4. Decode step time against the memory-bandwidth bound\n",
+              f"Copy bandwidth (read + write, {s['copy_megabytes']} MiB tensors, best of the measurements at the "
+              f"start and end): {bandwidth / 1e9:.2f} GB/s. Bound = bytes read per step / that bandwidth.\n",
+              "| size | model | context | bytes read per step | bound | measured step | times the bound |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["bandwidth"]:
+        lines.append(f"| {row['size']} | {row['model']} | {row['context']:,} | {_mib(row['bytes_read_per_step'])} | "
+                     f"{row['bound_s'] * 1000:.2f} ms | {row['step_s'] * 1000:.2f} ms | {row['times_bound']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in result["contexts"]))
+    figure, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.6 * len(sizes)), squeeze=False)
+    for (state_axis, speed_axis), size in zip(axes, sizes):
+        rows = [r for r in result["contexts"] if r["size"] == size]
+        contexts = [r["context"] for r in rows]
+        for role, style in (("donor", "o-"), ("converted", "s-")):
+            label = "attention donor (KV cache)" if role == "donor" else f"converted ({result['settings']['mixer']})"
+            state_axis.plot(contexts, [r[f"{role}_state_bytes"] / 2**20 for r in rows], style, label=label)
+            speed_axis.plot(contexts, [r[f"{role}_decode_tokens_per_s"] for r in rows], style, label=label)
+        state_axis.set(title=f"{size}: state per stream", xlabel="context (tokens)", ylabel="MiB", xscale="log")
+        speed_axis.set(title=f"{size}: decode speed, one stream", xlabel="context (tokens)", ylabel="tokens/s",
+                       xscale="log")
+        state_axis.legend()
+        speed_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
