@@ -289,6 +289,14 @@ def test_w_o_is_copied_bit_identical_when_the_inner_size_is_the_attention_width(
     assert torch.equal(mixer.out_proj.bias, attention["o_proj.bias"])
 
 
+def test_a_w_o_bias_without_an_out_proj_bias_is_reported_dropped():
+    config = tiny_config(attention_out_bias=True)  # use_bias stays false
+    mixer = MambaMixer(config, layer_idx=0)
+    assigned = _apply(mixer, mixer.init_from_attention(_donor_attention(config), config, include_qkv=False))
+    assert set(assigned) == {"out_proj.weight"}
+    assert "o_proj.bias dropped" in assigned["out_proj.weight"].note
+
+
 @pytest.mark.parametrize("expand", [2, 1.5, 0.75], ids=lambda e: f"expand{e}")
 def test_wider_or_narrower_inner_sizes_tile_w_o(expand):
     config = tiny_config(dict(expand=expand))

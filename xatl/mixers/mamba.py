@@ -277,12 +277,15 @@ class MambaMixer(Mixer):
         copies = torch.bincount(channel, minlength=width).clamp(min=1)
         assignments = []
         o_proj = attention["o_proj.weight"]
+        notes = []
+        if "o_proj.bias" in attention and self.out_proj.bias is None:
+            notes.append("o_proj.bias dropped (mamba option use_bias is false)")
         if self.intermediate_size == width:
-            assignments.append(Assignment("out_proj.weight", o_proj, "copied", ["o_proj.weight"]))
+            assignments.append(Assignment("out_proj.weight", o_proj, "copied", ["o_proj.weight"], "; ".join(notes)))
         else:
             tiled = (o_proj[:, channel] / copies[channel]).to(o_proj.dtype)
-            note = f"inner channel j takes W_O column j mod {width}, divided by its number of copies"
-            assignments.append(Assignment("out_proj.weight", tiled, "initialised", ["o_proj.weight"], note))
+            notes.insert(0, f"inner channel j takes W_O column j mod {width}, divided by its number of copies")
+            assignments.append(Assignment("out_proj.weight", tiled, "initialised", ["o_proj.weight"], "; ".join(notes)))
         if self.out_proj.bias is not None and "o_proj.bias" in attention:
             assignments.append(Assignment("out_proj.bias", attention["o_proj.bias"], "copied", ["o_proj.bias"]))
         if not include_qkv:
