@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         device = torch.device("cuda", dist.get_node_local_rank())
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # long products of decays underflow; denormals slow CPUs severalfold
 
     # 2. Model, transferred weights, teacher
     model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
