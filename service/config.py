@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="requests one engine decodes together; others wait")
     loaded_models: int = Field(2, ge=1, description="models kept loaded (least recently used idle ones leave)")
     device: str = "cpu"
+    compile: bool = Field(False, description="compile each model's decode step (torch.compile): faster "
+                          "steps for small models, after about a minute of compiling at the first requests")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
 
     @field_validator("api_keys", mode="before")

@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = ModelRegistry(
         settings.resolved_models_dir, capacity=settings.loaded_models, device=settings.device,
-        max_batch_size=settings.max_batch_size, torch_threads=settings.torch_threads,
+        max_batch_size=settings.max_batch_size, torch_threads=settings.torch_threads, compile=settings.compile,
     )
 
     @asynccontextmanager

@@ -38,15 +38,17 @@ class ModelRegistry:
         device: where models are loaded ("cpu", "cuda", ...).
         max_batch_size: each engine's decode batch.
         torch_threads: torch intra-op threads, set when the first model loads.
+        compile: compile each engine's decode step (see `xatl.serving.Engine`).
     """
 
     def __init__(self, models_dir: Path, *, capacity: int = 2, device: str = "cpu",
-                 max_batch_size: int = 64, torch_threads: int | None = None):
+                 max_batch_size: int = 64, torch_threads: int | None = None, compile: bool = False):
         self.models_dir = models_dir
         self.capacity = capacity
         self.device = device
         self.max_batch_size = max_batch_size
         self.torch_threads = torch_threads
+        self.compile = compile
         self._engines: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self._loading: dict[str, asyncio.Lock] = {}
 
@@ -97,7 +99,8 @@ class ModelRegistry:
         transformers_logging.disable_progress_bar()  # no bars in the service's log
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        return Engine.from_pretrained(path, device=self.device, max_batch_size=self.max_batch_size)
+        return Engine.from_pretrained(path, device=self.device, max_batch_size=self.max_batch_size,
+                                      compile=self.compile)
 
     def _evict_idle(self, keep: str) -> None:
         for name in list(self._engines):

@@ -12,7 +12,7 @@ def _mib(nbytes: float) -> str:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"# Generation: constant-memory decoding (converted mixer: `{s['mixer']}`)\n",
+        f"# Generation: constant-memory decoding (converted mixer: `{s['mixer']}`, {s['dtype']})\n",
         f"torch threads: {s['threads']} (chosen: the 2-core machine is shared; load average "
         f"{result['load_average_at_start'][0]:.1f} at the start, {result['load_average_at_end'][0]:.1f} at the "
         f"end). Our engine's decode step: {'eager' if s['no_compile'] else 'compiled (torch.compile, inductor)'}. "
@@ -44,23 +44,26 @@ def markdown(result: dict) -> str:
 
     lines += ["", "## 2. Our engine against transformers' `generate()`, same converted weights, one stream\n",
               f"Prompt {s['prompt_tokens']} tokens, {s['generate_tokens']} new tokens, greedy, end to end "
-              "(prefill included; the engine also detokenises).\n",
+              f"(prefill included; the engine also detokenises); median of {s['generate_repeats']} interleaved "
+              "runs, and the best run (interference only slows a run down).\n",
               "| size | transformers generate() | " + " | ".join(
                   n.replace("_", " ") for n in result["versus_generate"][0]["speedup"]) + " | same tokens |",
               "|---|---|" + "---|" * (len(result["versus_generate"][0]["speedup"]) + 1)]
     for row in result["versus_generate"]:
-        rates = row["tokens_per_s"]
-        cells = [f"{rates[n]:.1f} tok/s ({row['speedup'][n]:.2f}x)" for n in row["speedup"]]
-        lines.append(f"| {row['size']} | {rates['transformers_generate']:.1f} tok/s | " + " | ".join(cells)
-                     + f" | {row['same_tokens']} |")
+        rates, best = row["tokens_per_s"], row["best_tokens_per_s"]
+        cells = [f"{rates[n]:.1f} tok/s ({row['speedup'][n]:.2f}x); best {best[n]:.1f} ({row['best_speedup'][n]:.2f}x)"
+                 for n in row["speedup"]]
+        lines.append(f"| {row['size']} | {rates['transformers_generate']:.1f} tok/s; best "
+                     f"{best['transformers_generate']:.1f} | " + " | ".join(cells) + f" | {row['same_tokens']} |")
 
     lines += ["", "## 3. Aggregate decode tokens/s with concurrent streams (converted model, one engine)\n",
-              f"Each stream: a {s['prompt_tokens']}-token prompt, {s['concurrent_tokens']} new tokens; decode "
-              "throughput after all streams are admitted.\n",
-              "| size | streams | decode tok/s | vs one stream | tok/s with prefill |", "|---|---|---|---|---|"]
+              f"Each stream: a {s['prompt_tokens']}-token prompt; after all streams are admitted and "
+              f"{s['warmup_steps']} more steps, {s['concurrent_steps']} decode steps are timed. Rounds over the "
+              f"stream counts ({s['rounds']}), median (and best) per count.\n",
+              "| size | streams | decode tok/s | vs one stream | best round |", "|---|---|---|---|---|"]
     for row in result["concurrency"]:
         lines.append(f"| {row['size']} | {row['streams']} | {row['decode_tokens_per_s']:.1f} | "
-                     f"{row['speedup_over_one_stream']:.2f}x | {row['tokens_per_s_with_prefill']:.1f} |")
+                     f"{row['speedup_over_one_stream']:.2f}x | {row['best_decode_tokens_per_s']:.1f} |")
 
     bandwidth = max(result["copy_bandwidth_bytes_per_s"], result["copy_bandwidth_bytes_per_s_at_end"])
     lines += ["", "## 4. Decode step time against the memory-bandwidth bound\n",

@@ -193,10 +193,12 @@ def versus_generate(size: Size, engines: dict[str, Engine], args) -> dict:
         timings["transformers_generate"].append(time.perf_counter() - start)
         outputs["transformers_generate"] = generated[0, len(prompt):].tolist()
     rates = {name: new / statistics.median(t) for name, t in timings.items()}
+    best = {name: new / min(t) for name, t in timings.items()}  # interference only ever slows a run down
     result = {"size": size.name, "prompt_tokens": args.prompt_tokens, "new_tokens": new,
-              "tokens_per_s": rates,
+              "tokens_per_s": rates, "best_tokens_per_s": best,
               "same_tokens": all(o == outputs["transformers_generate"] for o in outputs.values()),
-              "speedup": {name: rates[name] / rates["transformers_generate"] for name in engines}}
+              "speedup": {name: rates[name] / rates["transformers_generate"] for name in engines},
+              "best_speedup": {name: best[name] / best["transformers_generate"] for name in engines}}
     print(f"{size.name:16s} one stream: " + ", ".join(f"{n} {r:.1f} tok/s" for n, r in rates.items())
           + f"; same tokens: {result['same_tokens']}", flush=True)
     return result
@@ -206,26 +208,27 @@ def versus_generate(size: Size, engines: dict[str, Engine], args) -> dict:
 
 
 def concurrency(size: Size, engine: Engine, args) -> list[dict]:
-    rows = []
-    for streams in args.streams:
-        for warm in (True, False):  # one short unmeasured round per batch size (compilation, allocator)
-            new = 3 if warm else args.concurrent_tokens
-            handles = [engine.submit(random_prompt(args.prompt_tokens, size.converted.config.vocab_size, seed=i),
-                                     SamplingParams(max_new_tokens=new, **GREEDY)) for i in range(streams)]
-            start = time.perf_counter()
+    """Rounds over the stream counts (1, 4, 16, 64, 1, 4, ...): in each, the streams are admitted,
+    decode `--warmup-steps` unmeasured steps, then `--concurrent-steps` timed ones; median of rounds."""
+    vocab = size.converted.config.vocab_size
+    rates = {streams: [] for streams in args.streams}
+    for _ in range(args.rounds):
+        for streams in args.streams:
+            params = SamplingParams(max_new_tokens=2 + args.warmup_steps + args.concurrent_steps, **GREEDY)
+            handles = [engine.submit(random_prompt(args.prompt_tokens, vocab, seed=i), params)
+                       for i in range(streams)]
             engine.step()  # every stream is admitted (prefilled) and decodes its first step
-            admitted = time.perf_counter()
+            for _ in range(args.warmup_steps):
+                engine.step()
+            start = time.perf_counter()
             while engine.step():
                 pass
-            end = time.perf_counter()
-        tokens = sum(len([e for e in h if e.token_id is not None]) for h in handles)
-        decode_tokens = streams * (new - 2)  # after the admission step's two tokens per stream
-        rows.append({"size": size.name, "streams": streams, "tokens": tokens,
-                     "decode_tokens_per_s": decode_tokens / (end - admitted),
-                     "tokens_per_s_with_prefill": tokens / (end - start)})
-    base = rows[0]["decode_tokens_per_s"]
+            rates[streams].append(streams * args.concurrent_steps / (time.perf_counter() - start))
+            assert all(sum(e.token_id is not None for e in h) == params.max_new_tokens for h in handles)
+    rows = [{"size": size.name, "streams": streams, "decode_tokens_per_s": statistics.median(rates[streams]),
+             "best_decode_tokens_per_s": max(rates[streams])} for streams in args.streams]
     for row in rows:
-        row["speedup_over_one_stream"] = row["decode_tokens_per_s"] / base
+        row["speedup_over_one_stream"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
         print(f"{size.name:16s} {row['streams']:3d} streams: {row['decode_tokens_per_s']:8.1f} tok/s "
               f"({row['speedup_over_one_stream']:.2f}x one stream)", flush=True)
     return rows
@@ -254,14 +257,16 @@ def main() -> None:
     parser.add_argument("--contexts", default="512,2048,8192,16384", type=ints)
     parser.add_argument("--streams", default="1,4,16,64", type=ints)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of every model; results of bfloat16 go to results/generation/bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="run our engine's decode step eagerly only")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6, help="alternating blocks of decode steps per context")
     parser.add_argument("--block", type=int, default=4, help="decode steps per block")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--generate-tokens", type=int, default=128)
-    parser.add_argument("--generate-repeats", type=int, default=3)
-    parser.add_argument("--concurrent-tokens", type=int, default=34)
+    parser.add_argument("--generate-repeats", type=int, default=5)
+    parser.add_argument("--concurrent-steps", type=int, default=16, help="timed decode steps per round")
     parser.add_argument("--copy-megabytes", type=int, default=256)
     parser.add_argument("--data-dir", default=os.environ.get("XATL_DATA_DIR", "../shared/data"))
     args = parser.parse_args()
@@ -275,6 +280,8 @@ def main() -> None:
     print(f"copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s (read + write)", flush=True)
     for name in args.sizes.split(","):
         size = builders[name](args)
+        dtype = getattr(torch, args.dtype)
+        size.donor, size.converted = size.donor.to(dtype), size.converted.to(dtype)
         result["parameters"][name] = {role: model.num_parameters() for role, model in
                                       (("donor", size.donor), ("converted", size.converted))}
         compiled = not args.no_compile
@@ -291,7 +298,8 @@ def main() -> None:
     result["bandwidth"] = bandwidth_bound(result["contexts"], bandwidth)
     result["load_average_at_end"] = os.getloadavg()
     result["environment"] = environment()
-    folder = write_results("generation", result, markdown(result))
+    folder = write_results("generation" if args.dtype == "float32" else f"generation/{args.dtype}",
+                           result, markdown(result))
     plot(result, folder / "contexts.png")
     print(f"wrote {folder}")
 

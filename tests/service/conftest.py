@@ -1,5 +1,4 @@
 import pytest
-import torch
 from service_fixtures import API_KEY, ServerThread, build_tokenizer, save_tiny_model
 
 from service.config import Settings
@@ -27,11 +26,8 @@ def settings_for(models_dir, tmp_path, **overrides) -> Settings:
 
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; on a busy 2-core machine more threads only spin
     with ServerThread(settings_for(models_dir, tmp_path_factory.mktemp("data"))) as running:
         yield running
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

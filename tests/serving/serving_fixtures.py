@@ -1,8 +1,6 @@
 """A tiny byte-level BPE tokenizer (trained here, on text with multi-byte UTF-8) and tiny models
 with any mixer plan, for the engine tests."""
 
-import importlib.util
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -30,12 +28,7 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def implemented_mixers() -> list[str]:
-    """Mixers whose module exists in this checkout (the linear-cost mixers land one by one)."""
-    return [name for name, target in MIXERS.items() if importlib.util.find_spec(target.split(":")[0])]
-
-
-LINEAR_MIXERS = [name for name in implemented_mixers() if name != "attention"]
+LINEAR_MIXERS = [name for name in MIXERS if name != "attention"]
 
 
 def plans() -> dict[str, list[str]]:

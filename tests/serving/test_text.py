@@ -89,3 +89,15 @@ def test_stop_matcher_releases_held_text_when_it_cannot_match():
     assert matcher.feed("d") == ("abd", False)
     assert matcher.feed("ab") == ("", False)
     assert matcher.flush() == "ab"
+
+
+class PythonOnlyTokenizer:
+    """A tokenizer without a Rust backend: only `decode`, as a slow tokenizer has it."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+def test_tokenizers_without_a_backend_give_the_same_pieces(tokenizer):
+    ids = tokenizer(MULTI_BYTE, add_special_tokens=False)["input_ids"]
+    assert stream(PythonOnlyTokenizer(tokenizer), ids) == stream(tokenizer, ids)

@@ -2,7 +2,6 @@
 incremental detokenisation and per-request figures."""
 
 from xatl.serving.engine import (
-    FINISH_REASONS,
     AsyncGenerationStream,
     Engine,
     EngineStats,
@@ -14,7 +13,6 @@ from xatl.serving.sampling import SamplingParams, sample_next_tokens
 from xatl.serving.text import IncrementalDetokenizer, StopMatcher
 
 __all__ = [
-    "FINISH_REASONS",
     "AsyncGenerationStream",
     "Engine",
     "EngineStats",

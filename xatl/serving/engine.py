@@ -34,9 +34,6 @@ from xatl.serving.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
-
 @dataclass(frozen=True)
 class GenerationEvent:
     """One generated token of a request, as text.
@@ -165,7 +162,10 @@ class _Sequence:
             return self.finish(text, token, "length", device, now)
         return GenerationEvent(text, token, now)
 
-    def finish(self, text, token, reason, device, now=None, error=None) -> GenerationEvent:
+    def finish(
+        self, text: str, token: int | None, reason: str, device: torch.device,
+        now: float | None = None, error: str | None = None,
+    ) -> GenerationEvent:
         now = now or time.perf_counter()
         first = self.first_token_at
         decode_s = now - first if first is not None else 0.0

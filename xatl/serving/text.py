@@ -3,8 +3,8 @@
 A token is not a piece of text. Byte-level tokenizers split one UTF-8 character over several
 tokens, and SentencePiece-style decoders render a token differently at the start of a sequence
 (the leading space). So text is never decoded token by token: each step decodes a short window of
-recent tokens, compares it with the same window's text one step earlier, and emits only what was
-added, and only once it no longer ends in an incomplete character.
+recent tokens (starting at the last point where the text ended on a whole character) and emits the
+characters of it not yet emitted, up to a trailing U+FFFD that may still become a character.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ class IncrementalDetokenizer:
     `"".join(deltas) + flush()` equals decoding the generated tokens after the prompt's context.
 
     Args:
-        tokenizer: a transformers tokenizer (anything with `decode(ids, skip_special_tokens=...)`).
+        tokenizer: a transformers tokenizer (a fast one is decoded through its Rust backend).
         prompt_ids: the prompt; its last few tokens give the first generated tokens their context.
     """
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        # a fast tokenizer's Rust backend decodes without transformers' Python layers (~5x faster
+        # per call, and a call runs twice per token per stream)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         # the decoding window starts at token `prefix`; tokens before `read` are fully emitted;
         # `emitted` counts the characters of the window's text already handed out
@@ -56,6 +59,8 @@ class IncrementalDetokenizer:
     def _decode(self, start: int, end: int) -> str:
         if start >= end:
             return ""
+        if self.backend is not None:
+            return self.backend.decode(self.ids[start:end], skip_special_tokens=True)
         return self.tokenizer.decode(
             self.ids[start:end], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
