@@ -1,7 +1,12 @@
-"""The generation benchmark's tables (markdown) and its context plot (PNG)."""
+"""The generation benchmark's tables (markdown) and its context plot (PNG).
+
+    python bench/generation/report.py bench/results/generation/results.json   # re-render the tables
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 
@@ -13,6 +18,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
         f"# Generation: constant-memory decoding (converted mixer: `{s['mixer']}`, {s['dtype']})\n",
+        *goals(result),
         f"torch threads: {s['threads']} (chosen: the 2-core machine is shared; load average "
         f"{result['load_average_at_start'][0]:.1f} at the start, {result['load_average_at_end'][0]:.1f} at the "
         f"end). Our engine's decode step: {'eager' if s['no_compile'] else 'compiled (torch.compile, inductor)'}. "
@@ -77,6 +83,39 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def goals(result: dict) -> list[str]:
+    """The issue's goals against what was measured, for the sizes this run has."""
+    def met(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = ["| goal | measured | |", "|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in result["contexts"]):
+        rows = [r for r in result["contexts"] if r["size"] == size]
+        growth = rows[-1]["converted_state_bytes"] / rows[0]["converted_state_bytes"]
+        lines.append(f"| {size}: state flat ({rows[-1]['context']:,} / {rows[0]['context']:,} = 1.00) | "
+                     f"{growth:.2f} (donor {rows[-1]['donor_state_bytes'] / rows[0]['donor_state_bytes']:.2f}) | "
+                     f"{met(growth == 1.0)} |")
+        last = rows[-1]
+        lines.append(f"| {size}: decode at {last['context']:,} ≥ 3x the donor | {last['measured_speedup']:.2f}x "
+                     f"(bytes predict {last['predicted_speedup']:.2f}x) | {met(last['measured_speedup'] >= 3)} |")
+    for row in result["versus_generate"]:
+        best_engine = max(row["speedup"], key=row["speedup"].get)
+        speedup = row["speedup"][best_engine]
+        lines.append(f"| {row['size']}: engine ≥ 3x transformers' generate(), one stream | {speedup:.2f}x "
+                     f"({best_engine.replace('_', ' ')}; best runs {row['best_speedup'][best_engine]:.2f}x) | "
+                     f"{met(speedup >= 3)} |")
+    for row in result["concurrency"]:
+        if row["streams"] == 16:
+            lines.append(f"| {row['size']}: 16 streams ≥ 8x one stream | {row['speedup_over_one_stream']:.2f}x | "
+                         f"{met(row['speedup_over_one_stream'] >= 8)} |")
+    smallest = min(r["context"] for r in result["bandwidth"])
+    for row in result["bandwidth"]:
+        if row["model"] == "converted" and row["context"] == smallest and row["size"] != "stories260K":
+            lines.append(f"| {row['size']}: decode step within 2x of the bandwidth bound | "
+                         f"{row['times_bound']:.2f}x the bound | {met(row['times_bound'] <= 2)} |")
+    return [*lines, ""]
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -99,3 +138,13 @@ def plot(result: dict, path: Path) -> None:
         speed_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import RESULTS, write_results
+
+    path = Path(sys.argv[1]).resolve()
+    payload = json.loads(path.read_text())
+    folder = write_results(str(path.parent.relative_to(RESULTS)), payload, markdown(payload))
+    plot(payload, folder / "contexts.png")

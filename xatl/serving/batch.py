@@ -17,8 +17,6 @@ from xatl.mixers.attention import Attention
 from xatl.mixers.base import MixerState
 from xatl.model import XatlForCausalLM
 
-CACHE_SEQ_DIM = 2  # attention state: key/value (B, Hkv, S, hd)
-
 
 def state_nbytes(state: MixerState | None) -> int:
     return 0 if state is None else sum(t.numel() * t.element_size() for t in state.values())
@@ -112,9 +110,9 @@ class DecodeBatch:
                 if self.is_attention[i]:
                     old = {k: _left_pad(t, width - columns) for k, t in old.items()}
                     state = {k: _left_pad(t, width - length) for k, t in state.items()}
-                self.states[i] = {k: torch.cat([old[k], state[k]]) for k in old}
+                self.states[i] = {k: torch.cat([old[k], state[k]]) for k in old}  # (B + 1, ...)
             new_row = F.pad(torch.ones(1, length, dtype=torch.bool), (width - length, 0), value=False)
-            self.mask = torch.cat([F.pad(self.mask, (width - columns, 0), value=False), new_row])
+            self.mask = torch.cat([F.pad(self.mask, (width - columns, 0), value=False), new_row])  # (B + 1, width)
         self.positions = torch.cat([self.positions, torch.tensor([length])])
         return self.size - 1
 
@@ -137,7 +135,7 @@ class DecodeBatch:
         for i, state in enumerate(self.states):
             state = {k: t.index_select(0, device_index) for k, t in state.items()}
             if self.is_attention[i] and first_real:
-                state = {k: t[:, :, first_real:] for k, t in state.items()}
+                state = {k: t[:, :, first_real:] for k, t in state.items()}  # (B', Hkv, S - first_real, hd)
             self.states[i] = state
 
     # ---- memory ----------------------------------------------------------------------------------
