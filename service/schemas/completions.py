@@ -65,8 +65,11 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if "" in stops:
+            raise ValueError("stop sequences must not be empty")
         return value
 
     @property

@@ -79,6 +79,7 @@ def test_limits_name_themselves(server):
         ({"model": "tiny-gla", "prompt": "x", "n": 2}, "n"),
         ({"model": "tiny-gla", "prompt": "x", "logprobs": 1}, "logprobs"),
         ({"model": "tiny-gla", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "tiny-gla", "prompt": "x", "stop": ""}, "stop"),
         ({"model": "tiny-gla", "prompt": "x", "frobnicate": True}, "frobnicate"),
         ({"model": "tiny-gla", "prompt": ["x", "y"]}, "prompt"),
         ({"model": "tiny-gla", "prompt": [1, 99999]}, "prompt"),

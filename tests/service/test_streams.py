@@ -44,6 +44,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert client.completions.create(model=model, prompt="Once", max_tokens=3).usage.completion_tokens <= 3
 
 
+def test_a_client_that_gives_up_on_a_whole_completion_frees_its_slot(server):
+    model = "tiny-gla"
+    cancelled = lambda: metric(server, "xatl_requests_total", model=model, finish_reason="cancelled")  # noqa: E731
+    before = cancelled()
+    body = {"model": model, **ENDLESS, "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=1.0)
+    engine = server.engine(model)
+    assert wait_for(lambda: engine.stats().running == 0)
+    assert server.app.state.limiter.active == 0
+    assert wait_for(lambda: cancelled() == before + 1)
+
+
 def test_the_event_loop_answers_while_a_stream_runs(server):
     with httpx.stream("POST", server.url + "/v1/completions", json={"model": "tiny-gla", **ENDLESS},
                       headers=AUTH, timeout=60) as response:
