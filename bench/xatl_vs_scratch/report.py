@@ -25,6 +25,7 @@ def summarize(runs: dict[str, dict], donor_loss: float) -> dict[str, dict]:
     target = scratch["final_loss"]
     scratch_steps = crossing_step(scratch["curve"], target)
     gap = target - donor_loss
+    first_eval = scratch["curve"][1][0]
     summary = {}
     for name, run in runs.items():
         steps = crossing_step(run["curve"], target)
@@ -32,8 +33,11 @@ def summarize(runs: dict[str, dict], donor_loss: float) -> dict[str, dict]:
             "lr": run["lr"],
             "final_loss": run["final_loss"],
             "steps_to_scratch_final": steps,
-            # None: never reached; reached at step 0 (transfer alone): no finite ratio, see the table
+            # None: never reached, or reached by the transfer alone (step 0): no finite ratio
             "speedup": scratch_steps / steps if steps else None,
+            # reached before the first evaluation: interpolating from step 0 (before any training)
+            # says little, so only scratch_steps / first_eval is a sound (lower-bound) speed-up
+            "speedup_at_least": scratch_steps / first_eval if steps is not None and steps <= first_eval else None,
             "gain_at_equal_steps_pct": 100 * (target - run["final_loss"]) / target,
             "gap_closed": (target - run["final_loss"]) / gap if gap > 0 else None,
             "tokens_per_second": run["tokens_per_second"],
@@ -104,8 +108,17 @@ def markdown(results: dict) -> str:
 
 def _speedup(row: dict) -> str:
     if row["steps_to_scratch_final"] == 0:
-        return "at step 0"
+        return "transfer alone reaches it"
+    if row["speedup_at_least"] is not None:
+        return f"≥{row['speedup_at_least']:.0f}x (before the first evaluation)"
     return _fmt(row["speedup"], "{:.2f}x", "not reached")
+
+
+def _speedup_meets(row: dict, goal: float) -> bool:
+    if row["steps_to_scratch_final"] == 0:
+        return True
+    value = row["speedup_at_least"] or row["speedup"]
+    return value is not None and value >= goal
 
 
 def _goals(block: dict) -> str:
@@ -113,9 +126,7 @@ def _goals(block: dict) -> str:
     parts = []
     for name, goal in GOALS.items():
         if name in summary:
-            value = summary[name]["speedup"]
-            status = "met" if value and value >= goal else "NOT met"
-            status = "met" if summary[name]["steps_to_scratch_final"] == 0 else status
+            status = "met" if _speedup_meets(summary[name], goal) else "NOT met"
             parts.append(f"`{name}` speed-up {_speedup(summary[name])} (goal ≥{goal:g}x: {status})")
     gaps = {n: r["gap_closed"] for n, r in summary.items() if r["gap_closed"] is not None and n != "scratch"}
     if gaps:
@@ -146,3 +157,24 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def main() -> int:
+    """Render README.md and curves.png again from results.json (the measurement is not repeated)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import RESULTS, write_results
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "xatl_vs_scratch"
+    results = json.loads((RESULTS / name / "results.json").read_text())
+    for block in results["donors"].values():
+        block["summary"] = summarize(block["runs"], block["donor_loss"])
+    plot(results, RESULTS / name / "curves.png")
+    write_results(name, results, markdown(results))  # keeps the recorded command, machine and date
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,7 +16,9 @@ bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interr
 
     .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine
     .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
-    .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3  # a quick look
+    .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3 \
+        --name xatl_vs_scratch/quick                               # a quick look
+    .venv/bin/python bench/xatl_vs_scratch/report.py               # render README.md / curves.png again
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         results["donors"][donor] = {
             "donor_loss": donor_loss, "labels": labels, "sweeps": sweeps[donor],
             "sweep_steps": max(1, round(block["steps"] * scale["sweep_fraction"])) if len(args.lrs) > 1 else 0,
-            "summary": summarize(runs, donor_loss) if "scratch" in runs else {},
+            "summary": summarize(runs, donor_loss),
             "runs": runs,
             "settings_line": (f"{block['steps']} steps × {block['batch_size']} blocks of {block['block_size']} "
                               f"tokens ({block['steps'] * block['batch_size'] * block['block_size']:,} tokens), "
@@ -259,17 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         if donor_info.is_file():
             results["donors"][donor]["donor_pretraining"] = json.loads(donor_info.read_text())
     results["environment"] = environment()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if all(results["donors"][d]["summary"] for d in args.donors):
-        plot(results, out / "curves.png")
-    text = markdown(results) if all(results["donors"][d]["summary"] for d in args.donors) else "(no scratch run)"
-    if out == HERE.parent / "results" / "xatl_vs_scratch":
-        folder = write_results("xatl_vs_scratch", results, text)
-    else:
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / "README.md").write_text(text + "\n")
-        folder = out
+    folder = write_results(args.name, results, markdown(results))
+    plot(results, folder / "curves.png")
     log(f"done in {results['wall_seconds'] / 60:.1f} min: {folder}")
     return 0
 
@@ -289,7 +282,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="torch threads per run (0: torch's default)")
     parser.add_argument("--device", help="cpu or cuda (default: the scale's)")
     parser.add_argument("--data-dir", default=os.environ.get("XATL_DATA_DIR", str(HERE.parents[2] / "shared" / "data")))
-    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "xatl_vs_scratch")
+    parser.add_argument("--name", default="xatl_vs_scratch",
+                        help="results folder under bench/results/ (e.g. xatl_vs_scratch/stories-800-steps)")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     args.lrs = args.lrs or scale["lrs"]
