@@ -1,7 +1,8 @@
 """Which weights came from the donor, and when to stop freezing them.
 
 `xatl convert` writes `transfer_report.json` beside the model, naming the origin of each tensor:
-`copied` (bit-identical to a donor tensor), `initialised` (derived from donor tensors) or `random`.
+`copied` (bit-identical to a donor tensor), `initialised` (derived from donor tensors), `set` (a
+fixed value with no donor source) or `random`; only the first two came from the donor.
 A freeze schedule keeps the transferred weights fixed while the fresh mixers learn to use them, then
 releases them:
 
@@ -26,7 +27,7 @@ from torch import nn
 from xatl.convert import REPORT_FILE as TRANSFER_REPORT
 from xatl.convert import read_transfer_report as read_report
 
-ORIGINS = ("copied", "initialised", "random")
+ORIGINS = ("copied", "initialised", "set", "random")  # "set": a fixed value with no donor source
 
 
 def read_transfer_report(model_dir: str | Path) -> dict[str, str]:
