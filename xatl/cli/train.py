@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         device = torch.device("cuda", dist.get_node_local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # long products of decays underflow; denormals slow CPUs severalfold
 
