@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     device: str = "cpu"
     compile: bool = Field(False, description="compile each model's decode step (torch.compile): faster "
                           "steps for small models, after about a minute of compiling at the first requests")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores but one)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
