@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/xatl convert $(DATA)/stories260K/stories260K.bin --tokenizer $(DATA)/stories260K/tok512.bin \
-		--mixer gla --transfer xatl+qkv --out models/stories260K-gla
+	test -d data/models/stories260K-gla || $(BIN)/xatl convert $(DATA)/stories260K/stories260K.bin \
+		--tokenizer $(DATA)/stories260K/tok512.bin --mixer gla --transfer xatl+qkv --out data/models/stories260K-gla
+	$(BIN)/xatl serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
