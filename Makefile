@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Serves two models: the donor rebuilt as-is (attention) and its linear-cost conversion (gated linear
+# attention, Q/K/V transferred). The conversion writes well only after `xatl train`.
+SAMPLE := $(DATA)/stories260K
 run: $(STAMP)
-	test -d data/models/stories260K-gla || $(BIN)/xatl convert $(DATA)/stories260K/stories260K.bin \
-		--tokenizer $(DATA)/stories260K/tok512.bin --mixer gla --transfer xatl+qkv --out data/models/stories260K-gla
+	test -d data/models/stories260K || $(BIN)/xatl convert $(SAMPLE)/stories260K.bin \
+		--tokenizer $(SAMPLE)/tok512.bin --mixer attention --out data/models/stories260K
+	test -d data/models/stories260K-gla || $(BIN)/xatl convert $(SAMPLE)/stories260K.bin \
+		--tokenizer $(SAMPLE)/tok512.bin --mixer gla --transfer xatl+qkv --out data/models/stories260K-gla
 	$(BIN)/xatl serve
 
 lint: $(STAMP)
