@@ -31,6 +31,7 @@ def summarize(runs: dict[str, dict], donor_loss: float) -> dict[str, dict]:
         steps = crossing_step(run["curve"], target)
         summary[name] = {
             "lr": run["lr"],
+            "transferred_lr_scale": run.get("transferred_lr_scale", 1.0),
             "final_loss": run["final_loss"],
             "steps_to_scratch_final": steps,
             # None: never reached, or reached by the transfer alone (step 0): no finite ratio
@@ -88,22 +89,29 @@ def markdown(results: dict) -> str:
         for name, row in block["summary"].items():
             step0 = block["runs"][name]["curve"][0][1]
             lines.append(
-                f"| {block['labels'][name]} | {row['lr']:g} | {step0:.3f} | {row['final_loss']:.4f} | "
+                f"| {block['labels'][name]} | {_setting(row['lr'], row['transferred_lr_scale'], name)} | "
+                f"{step0:.3f} | {row['final_loss']:.4f} | "
                 f"{_speedup(row)} | {row['gain_at_equal_steps_pct']:.1f}% | "
                 f"{_fmt(row['gap_closed'], '{:.0%}')} | {_fmt(row['tokens_per_second'], '{:,.0f}')} |"
             )
         if block["sweep_steps"]:
-            lines += ["", "Learning-rate sweep (final validation loss of a run of "
-                      f"{block['sweep_steps']} steps per rate; the best rate is used for the full run):", ""]
-            rates = sorted({float(lr) for sweep in block["sweeps"].values() for lr in sweep})
-            lines += ["| variant | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
-                      "|---|" + "---|" * len(rates)]
+            lines += ["", "Sweep (final validation loss of a run of "
+                      f"{block['sweep_steps']} steps per setting: lr × the lr scale of the weights copied from the "
+                      "donor; the best setting is used for the full run):", ""]
+            keys = sorted({key for sweep in block["sweeps"].values() for key in sweep},
+                          key=lambda k: [-float(x) if i else float(x) for i, x in enumerate(k.split("×"))])
+            lines += ["| variant | " + " | ".join(f"lr {k}" for k in keys) + " |",
+                      "|---|" + "---|" * len(keys)]
             for name, sweep in block["sweeps"].items():
-                cells = [_fmt(sweep.get(str(lr)), "{:.4f}") for lr in rates]
+                cells = [_fmt(sweep.get(key), "{:.4f}") for key in keys]
                 lines.append(f"| {block['labels'][name]} | " + " | ".join(cells) + " |")
         lines += ["", _goals(block), ""]
     lines += ["![validation curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _setting(lr: float, scale: float, name: str) -> str:
+    return f"{lr:g}" if name == "scratch" or scale == 1 else f"{lr:g} (copied weights ×{scale:g})"
 
 
 def _speedup(row: dict) -> str:
@@ -147,7 +155,8 @@ def plot(results: dict, path: Path) -> None:
     for axis, (donor, block) in zip(axes[0], donors.items()):
         for name, run in block["runs"].items():
             steps, losses = zip(*run["curve"][1:])  # step 0 (transfer alone) is off the scale
-            axis.plot(steps, losses, label=f"{block['labels'][name]} (lr {run['lr']:g})")
+            scale = run.get("transferred_lr_scale", 1.0)
+            axis.plot(steps, losses, label=f"{block['labels'][name]} (lr {_setting(run['lr'], scale, name)})")
         axis.axhline(block["donor_loss"], color="black", linestyle="--", linewidth=1, label="donor")
         axis.set_title(donor)
         axis.set_xlabel("optimizer step")

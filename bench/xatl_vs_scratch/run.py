@@ -8,9 +8,11 @@ variant, the same target architecture is trained for the same number of tokens:
     xatl+qkv   + the mixers' q/k/v from the donor's Q/K/V
     xatl+kl    `xatl`, trained with logit distillation from the donor
     hybrid     `xatl+qkv` with attention kept at two layers
+    hybrid+kl  `hybrid`, trained with logit distillation from the donor
 
-Each variant's learning rate comes from a short sweep this command runs (and reports); the full
-runs then record validation curves. Results go to bench/results/xatl_vs_scratch/: results.json,
+Each variant's learning rate, and for the transferred variants the scale of the learning rate of
+the weights copied from the donor, come from a short sweep over a grid that this command runs (and
+reports); the full runs then record validation curves. Results go to bench/results/xatl_vs_scratch/: results.json,
 README.md (tables, goals, settings, machine) and curves.png. Finished runs are cached under
 bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interrupted run continues.
 
@@ -49,17 +51,19 @@ VARIANTS = {
     "xatl+qkv": {"transfer": "xatl+qkv", "label": "xatl+qkv"},
     "xatl+kl": {"transfer": "xatl", "distill": "kl", "label": "xatl + logit KL"},
     "hybrid": {"transfer": "xatl+qkv", "hybrid": True, "label": "hybrid (xatl+qkv, attention at {layers})"},
+    "hybrid+kl": {"transfer": "xatl+qkv", "hybrid": True, "distill": "kl", "label": "hybrid + logit KL"},
 }
 
 SCALES = {
     "cpu": {
-        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=300,
+        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=800,
                             eval_every=25, warmup_steps=30),
         "gutenberg": dict(block_size=256, eval_window=256, valid_windows=64, batch_size=8, steps=250,
                           eval_every=25, warmup_steps=30,
                           donor=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                                      num_attention_heads=4, steps=1200, batch_size=8, lr=3e-3, warmup_steps=50)),
-        "lrs": [1e-3, 3e-3], "sweep_fraction": 1 / 3, "jobs": 2, "threads": 1, "device": "cpu",
+        "lrs": [1e-3, 3e-3], "transferred_lr_scales": [1.0, 0.3], "sweep_fraction": 1 / 5, "jobs": 2,
+        "threads": 1, "device": "cpu",
     },
     "gpu": {
         "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=800,
@@ -68,7 +72,8 @@ SCALES = {
                           eval_every=50, warmup_steps=50,
                           donor=dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                                      num_attention_heads=8, steps=6000, batch_size=32, lr=2e-3, warmup_steps=200)),
-        "lrs": [1e-3, 2e-3, 3e-3, 6e-3], "sweep_fraction": 1 / 3, "jobs": 1, "threads": 0, "device": "cuda",
+        "lrs": [1e-3, 2e-3, 3e-3, 6e-3], "transferred_lr_scales": [1.0, 0.3], "sweep_fraction": 1 / 4, "jobs": 1,
+        "threads": 0, "device": "cuda",
     },
 }
 COMMON = dict(mixer="gla", kl_weight=0.5, temperature=1.0, weight_decay=0.1, min_lr_ratio=0.1, seed=0)
@@ -76,6 +81,16 @@ COMMON = dict(mixer="gla", kl_weight=0.5, temperature=1.0, weight_decay=0.1, min
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sweep_grid(variant: str, lrs: list[float], scales: list[float]) -> list[tuple[float, float]]:
+    """(lr, lr scale of the transferred weights) pairs a variant is swept over; scratch has no
+    transferred weights, so only its lr varies."""
+    return [(lr, 1.0) for lr in lrs] if variant == "scratch" else [(lr, sc) for lr in lrs for sc in scales]
+
+
+def setting_key(lr: float, scale: float) -> str:
+    return f"{lr:g}×{scale:g}"
 
 
 def hybrid_layers(num_layers: int) -> list[int]:
@@ -109,8 +124,11 @@ def run_one(spec: dict) -> dict:
     variant = VARIANTS[spec["variant"]]
     layers = hybrid_layers(task.num_layers) if variant.get("hybrid") else []
     device = torch.device(spec["device"])
-    model = convert(donor, mixer=spec["mixer"], attention_layers=layers, transfer=variant["transfer"],
-                    seed=spec["seed"]).model.float().to(device)
+    conversion = convert(donor, mixer=spec["mixer"], attention_layers=layers, transfer=variant["transfer"],
+                         seed=spec["seed"])
+    model = conversion.model.float().to(device)
+    # the weights the transferred lr scale applies to: those copied from the donor
+    transferred = {t.name for t in conversion.report.tensors if t.origin == "copied"}
     teacher = None
     if variant.get("distill"):
         teacher = convert(donor, mixer="attention", transfer="xatl").model.float().to(device)
@@ -127,14 +145,16 @@ def run_one(spec: dict) -> dict:
     config = TrainConfig(
         max_steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"],
         min_lr_ratio=spec["min_lr_ratio"], weight_decay=spec["weight_decay"], distill=variant.get("distill", ""),
+        transferred_lr_scale=spec["transferred_lr_scale"],
         kl_weight=spec["kl_weight"], temperature=spec["temperature"], seed=spec["seed"],
         eval_every=spec["eval_every"], log_every=10,
     )
     start = time.perf_counter()
-    result = train(model, train_blocks, config, valid_blocks=valid, teacher=teacher, out_dir=folder,
-                   on_step=on_step)
+    result = train(model, train_blocks, config, valid_blocks=valid, teacher=teacher, transferred=transferred,
+                   out_dir=folder, on_step=on_step)
     outcome = {
-        "spec": spec, "lr": spec["lr"], "curve": curve, "final_loss": result.valid_loss,
+        "spec": spec, "lr": spec["lr"], "transferred_lr_scale": spec["transferred_lr_scale"],
+        "curve": curve, "final_loss": result.valid_loss,
         "tokens": result.tokens, "seconds": time.perf_counter() - start,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
     }
@@ -156,12 +176,15 @@ def prepare_gutenberg(data_dir: str, settings: dict) -> Task:
 
 # -- the whole comparison ---------------------------------------------------------------------------
 
-def make_spec(task: Task, donor_settings: dict, args, variant: str, lr: float, steps: int, sweep: bool) -> dict:
+def make_spec(task: Task, donor_settings: dict, args, variant: str, lr: float, scale: float, steps: int,
+              sweep: bool) -> dict:
     kind = "sweep" if sweep else "final"
-    name = f"{task.name}/{variant}/{kind}-lr{lr:g}"
+    name = f"{task.name}/{variant}/{kind}-lr{lr:g}-x{scale:g}"
     return {
-        "name": name, "folder": str(CACHE / "runs" / task.folder.name / variant / f"{kind}-lr{lr:g}-{steps}"),
-        "task": {**asdict(task), "folder": str(task.folder)}, "variant": variant, "lr": lr, "steps": steps,
+        "name": name,
+        "folder": str(CACHE / "runs" / task.folder.name / variant / f"{kind}-lr{lr:g}-x{scale:g}-{steps}"),
+        "task": {**asdict(task), "folder": str(task.folder)}, "variant": variant, "lr": lr,
+        "transferred_lr_scale": scale, "steps": steps,
         "batch_size": donor_settings["batch_size"], "warmup_steps": min(donor_settings["warmup_steps"], steps // 4),
         "eval_every": 0 if sweep else donor_settings["eval_every"], "device": args.device,
         "threads": args.threads, **{k: v for k, v in COMMON.items() if k != "mixer"}, "mixer": args.mixer,
@@ -174,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = copy.deepcopy(SCALES[args.scale])
     data_dir = Path(args.data_dir)
     jobs = args.jobs or scale["jobs"]
-    log(f"scale {args.scale}: donors {args.donors}, variants {args.variants}, lrs {args.lrs}, {jobs} job(s) "
-        f"of {args.threads or 'all'} thread(s)")
+    log(f"scale {args.scale}: donors {args.donors}, variants {args.variants}, lrs {args.lrs}, transferred-lr "
+        f"scales {args.transferred_lr_scales}, {jobs} job(s) of {args.threads or 'all'} thread(s)")
     settings = {}
     for donor in args.donors:
         settings[donor] = scale[donor]
@@ -197,20 +220,22 @@ def main(argv: list[str] | None = None) -> int:
             task, block = tasks[donor], settings[donor]
             sweep_steps = max(1, round(block["steps"] * scale["sweep_fraction"]))
             for variant in args.variants:
-                if len(args.lrs) == 1:
-                    sweeps[donor][variant] = {str(args.lrs[0]): None}
+                grid = sweep_grid(variant, args.lrs, args.transferred_lr_scales)
+                if len(grid) == 1:
+                    sweeps[donor][variant] = {setting_key(*grid[0]): None}
                     submit_final(donor, variant)
                     continue
-                for lr in args.lrs:
-                    spec = make_spec(task, block, args, variant, lr, sweep_steps, sweep=True)
-                    pending[pool.submit(run_one, spec)] = ("sweep", donor, variant, lr)
+                for lr, lr_scale in grid:
+                    spec = make_spec(task, block, args, variant, lr, lr_scale, sweep_steps, sweep=True)
+                    pending[pool.submit(run_one, spec)] = ("sweep", donor, variant, (lr, lr_scale))
 
         def submit_final(donor: str, variant: str) -> None:
             results = sweeps[donor][variant]
-            best = min(results, key=lambda lr: results[lr] if results[lr] is not None else 0.0)
-            spec = make_spec(tasks[donor], settings[donor], args, variant, float(best), settings[donor]["steps"],
+            best = min(results, key=lambda key: results[key] if results[key] is not None else 0.0)
+            lr, lr_scale = (float(x) for x in best.split("×"))
+            spec = make_spec(tasks[donor], settings[donor], args, variant, lr, lr_scale, settings[donor]["steps"],
                              sweep=False)
-            pending[pool.submit(run_one, spec)] = ("final", donor, variant, float(best))
+            pending[pool.submit(run_one, spec)] = ("final", donor, variant, (lr, lr_scale))
 
         if "gutenberg" in args.donors:  # the donor's pretraining runs beside the first sweeps
             pending[pool.submit(prepare_gutenberg, str(data_dir), settings["gutenberg"])] = ("prepare", "gutenberg")
@@ -226,16 +251,18 @@ def main(argv: list[str] | None = None) -> int:
                     tasks[donor] = outcome
                     submit_sweeps(donor)
                 elif kind == "sweep":
-                    variant, lr = rest
-                    sweeps[donor][variant][str(lr)] = outcome["final_loss"]
-                    if len(sweeps[donor][variant]) == len(args.lrs):
+                    variant, setting = rest
+                    sweeps[donor][variant][setting_key(*setting)] = outcome["final_loss"]
+                    grid = sweep_grid(variant, args.lrs, args.transferred_lr_scales)
+                    if len(sweeps[donor][variant]) == len(grid):
                         submit_final(donor, variant)
                 else:
                     finals[donor][rest[0]] = outcome
 
     reused = sum(run.get("reused", False) for block in finals.values() for run in block.values())
     results = {"reused_final_runs": reused,
-               "settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs, "variants": args.variants,
+               "settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs,
+                            "transferred_lr_scales": args.transferred_lr_scales, "variants": args.variants,
                             "eval_window": settings[args.donors[0]]["eval_window"],
                             "eval_every": settings[args.donors[0]]["eval_every"], "jobs": jobs,
                             "threads_per_job": args.threads, "device": args.device, "kl_weight": args.kl_weight,
@@ -249,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                   for v in args.variants}
         results["donors"][donor] = {
             "donor_loss": donor_loss, "labels": labels, "sweeps": sweeps[donor],
-            "sweep_steps": max(1, round(block["steps"] * scale["sweep_fraction"])) if len(args.lrs) > 1 else 0,
+            "sweep_steps": (max(1, round(block["steps"] * scale["sweep_fraction"]))
+                            if any(len(v) > 1 for v in sweeps[donor].values()) else 0),
             "summary": summarize(runs, donor_loss),
             "runs": runs,
             "settings_line": (f"{block['steps']} steps × {block['batch_size']} blocks of {block['block_size']} "
@@ -274,6 +302,8 @@ def parse_args(argv):
                         default=["stories260K", "gutenberg"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates swept per variant")
+    parser.add_argument("--transferred-lr-scales", nargs="+", type=float,
+                        help="scales of the lr of the copied weights swept per transferred variant")
     parser.add_argument("--steps", type=int, help="optimizer steps of each full run (default: the scale's)")
     parser.add_argument("--donor-steps", type=int, help="pretraining steps of the Gutenberg donor")
     parser.add_argument("--mixer", default=COMMON["mixer"], help="the linear-cost mixer replacing attention")
@@ -287,6 +317,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     args.lrs = args.lrs or scale["lrs"]
+    args.transferred_lr_scales = args.transferred_lr_scales or scale["transferred_lr_scales"]
     args.threads = scale["threads"] if args.threads is None else args.threads
     args.device = args.device or scale["device"]
     if "scratch" not in args.variants:
