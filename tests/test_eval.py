@@ -107,3 +107,29 @@ def test_lm_evaluation_harness_scores_a_local_task_with_our_log_likelihoods(mode
         assert sample["acc"] == float(max(range(2), key=lambda i: ours[i]) == item["label"])
     accuracy = results["results"]["xatl_tiny"]["acc,none"]
     assert accuracy == pytest.approx(sum(s["acc"] for s in samples) / len(samples))
+
+
+def test_xatl_lm_eval_runs_the_harness_command_line_on_a_saved_model(model_dir, tmp_path, monkeypatch):
+    from xatl.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    items = [{"context": "the cat saw", "choices": ["the red ball.", "a blue boat."], "label": 0}]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "xatl_cli_tiny.yaml").write_text(
+        "task: xatl_cli_tiny\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tiny.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    code = main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+                 "--tasks", "xatl_cli_tiny", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+                 "--output_path", str(tmp_path / "out")])
+    assert code == 0
+    written = list((tmp_path / "out").rglob("results*.json"))
+    assert written, "the harness wrote no results"
+    results = json.loads(written[0].read_text())["results"]["xatl_cli_tiny"]
+    assert results["acc,none"] in (0.0, 1.0)
+

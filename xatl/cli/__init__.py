@@ -1,7 +1,8 @@
 """The `xatl` command line: one table of subcommands.
 
 Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`, imported only
-when used (so `xatl --help` stays fast). Packages outside `xatl/` (the service) add commands
+when used (so `xatl --help` stays fast); one that sets `PASS_THROUGH = True` gets the arguments it
+does not declare in `args.extra`. Packages outside `xatl/` (the service) add commands
 through the `xatl.commands` entry-point group, so `xatl` never imports them by name.
 """
 
@@ -17,6 +18,7 @@ COMMANDS = {
     "train": ("xatl.cli.train", "continue training a converted model (optionally distilling from the donor)"),
     "eval": ("xatl.cli.eval", "cross-entropy and perplexity of a model on text"),
     "generate": ("xatl.cli.generate", "stream a completion with the constant-memory engine"),
+    "lm-eval": ("xatl.cli.lm_eval", "lm-evaluation-harness's command line, with xatl models loadable"),
 }
 
 
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:  # import only the module that runs
             modules[name] = importlib.import_module(module_name)
             modules[name].add_arguments(command_parser)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(modules[args.command], "PASS_THROUGH", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
