@@ -160,6 +160,14 @@ def selective_scan(
     `chunk_size`: tokens scanned at once (None: about 2^20 / (B * D * N), at least 8).
     Returns `out` (B, D, L), or `(out, last_state)` with `return_last_state`.
     """
+    # the scan runs in float32 (or float64) whatever autocast is on: its products of many decays lose
+    # everything in bf16, and its backward needs the dtypes of its forward
+    with torch.autocast(u.device.type, enabled=False):
+        out, state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+    return (out, state) if return_last_state else out
+
+
+def _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
     dtype = u.dtype
     acc = torch.promote_types(dtype, torch.float32)
     dt = _time_step(delta.to(acc), delta_bias, delta_softplus)
@@ -180,7 +188,7 @@ def selective_scan(
         outs.append(y)
     out = torch.cat(outs, dim=1).transpose(1, 2)  # (B, D, L)
     out = _skip_and_gate(out, u.to(acc), D, z)
-    return (out.to(dtype), state) if return_last_state else out.to(dtype)
+    return out.to(dtype), state
 
 
 def selective_scan_ref(
