@@ -16,7 +16,9 @@ reports); the full runs then record validation curves. Results go to bench/resul
 README.md (tables, goals, settings, machine) and curves.png. Finished runs are cached under
 bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interrupted run continues.
 
-    .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine
+    .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine, < 1 hour
+    .venv/bin/python bench/xatl_vs_scratch/run.py --steps 800 --donors stories260K \
+        --transferred-lr-scales 1 0.3 --name xatl_vs_scratch/stories-800    # the notes' budget (~75 min)
     .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
     .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3 \
         --name xatl_vs_scratch/quick                               # a quick look
@@ -56,13 +58,13 @@ VARIANTS = {
 
 SCALES = {
     "cpu": {
-        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=800,
+        "stories260K": dict(block_size=256, eval_window=256, valid_stories=400, batch_size=16, steps=400,
                             eval_every=25, warmup_steps=30),
         "gutenberg": dict(block_size=256, eval_window=256, valid_windows=64, batch_size=8, steps=250,
                           eval_every=25, warmup_steps=30,
                           donor=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                                      num_attention_heads=4, steps=1200, batch_size=8, lr=3e-3, warmup_steps=50)),
-        "lrs": [1e-3, 3e-3], "transferred_lr_scales": [1.0, 0.3], "sweep_fraction": 1 / 5, "jobs": 2,
+        "lrs": [1e-3, 3e-3], "transferred_lr_scales": [1.0], "sweep_fraction": 1 / 5, "jobs": 2,
         "threads": 1, "device": "cpu",
     },
     "gpu": {
