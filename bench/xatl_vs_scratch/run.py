@@ -18,7 +18,7 @@ bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interr
 
     .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine, < 1 hour
     .venv/bin/python bench/xatl_vs_scratch/run.py --steps 800 --donors stories260K \
-        --transferred-lr-scales 1 0.3 --name xatl_vs_scratch/stories-800    # the notes' budget (~75 min)
+        --transferred-lr-scales 1 0.3 --name xatl_vs_scratch/stories-800    # the notes' budget (over an hour)
     .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
     .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3 \
         --name xatl_vs_scratch/quick                               # a quick look
