@@ -3,36 +3,52 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DATA   ?= $(or $(XATL_DATA_DIR),../shared/data)
 STAMP  := $(VENV)/.installed
+# The data folder (stories260K, TinyStories, ...): $XATL_DATA_DIR, else ../shared/data where it exists.
+# Without one, `make test` skips the tests that need it and `make run` downloads the sample donor.
+DATA   ?= $(or $(XATL_DATA_DIR),$(wildcard ../shared/data))
+# PyPI's torch for Linux is the CUDA build (with triton and the nvidia-* packages, several GB): the
+# CPU build comes from PyTorch's own index. Where that index is unreachable, pip's configured
+# find-links or mirrors still serve a local CPU wheel. A GPU machine installs its CUDA build itself.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install run test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU build of torch first, so that nothing later pulls a CUDA build
-	$(BIN)/pip install -q torch==2.13.0
+	# the CPU build of torch first (alone: its dependencies come from PyPI with the project's)
+	$(BIN)/pip install -q --retries 1 --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda and \
+		f'torch {torch.__version__} is a CUDA build; the CPU install wants the CPU one from {\"$(TORCH_INDEX)\"}')"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Serves two models: the donor rebuilt as-is (attention) and its linear-cost conversion (gated linear
-# attention, Q/K/V transferred). The conversion writes well only after `xatl train`.
-SAMPLE := $(DATA)/stories260K
+# attention, Q/K/V transferred), trained briefly on TinyStories so that it writes.
+SAMPLE := data/sample
+GLA    := data/models/stories260K-gla
 run: $(STAMP)
+	$(BIN)/xatl sample $(if $(DATA),--data-dir $(DATA)) --link $(SAMPLE)
 	test -d data/models/stories260K || $(BIN)/xatl convert $(SAMPLE)/stories260K.bin \
 		--tokenizer $(SAMPLE)/tok512.bin --mixer attention --out data/models/stories260K
-	test -d data/models/stories260K-gla || $(BIN)/xatl convert $(SAMPLE)/stories260K.bin \
-		--tokenizer $(SAMPLE)/tok512.bin --mixer gla --transfer xatl+qkv --out data/models/stories260K-gla
+	test -d $(GLA) || ( rm -rf data/runs/stories260K-gla* \
+		&& $(BIN)/xatl convert $(SAMPLE)/stories260K.bin --tokenizer $(SAMPLE)/tok512.bin \
+			--mixer gla --transfer xatl+qkv --out data/runs/stories260K-gla-init \
+		&& $(BIN)/xatl train data/runs/stories260K-gla-init --data $(SAMPLE)/tinystories_val.txt \
+			--split-by block --valid-fraction 0.05 --tokens 1.6M --block-size 256 --batch-size 16 \
+			--lr 3e-3 --warmup-steps 30 --out data/runs/stories260K-gla \
+		&& mv data/runs/stories260K-gla $(GLA) )
 	$(BIN)/xatl serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# XATL_DATA_DIR reaches the tests only when there is a data folder: then a missing file fails its test.
 test: lint
-	XATL_DATA_DIR=$${XATL_DATA_DIR:-$(abspath $(DATA))} $(BIN)/python -m pytest -q
+	$(if $(DATA),XATL_DATA_DIR=$(abspath $(DATA))) $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+
+
+def relative_paths(text: str) -> str:
+    """Paths of this machine as a reader elsewhere can follow them: relative to the repository
+    (`bench/...`) or to the folder beside it (`../shared/...`)."""
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
 def environment() -> dict:
@@ -54,14 +61,14 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
     folder = RESULTS / name
     folder.mkdir(parents=True, exist_ok=True)
     env = payload.setdefault("environment", environment())
-    (folder / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (folder / "results.json").write_text(relative_paths(json.dumps(payload, indent=1) + "\n"))
     header = (
         f"Command: `{env['command']}` (commit {env['git_commit']}, {env['date']})\n\n"
         f"Machine: {env['machine']['cpu']}, {env['machine']['cores']} cores, "
         f"GPU: {env['machine']['gpu'] or 'none'}; torch {env['versions']['torch']} "
         f"({env['torch_threads']} threads), transformers {env['versions']['transformers']}\n\n"
     )
-    (folder / "README.md").write_text(header + markdown.rstrip() + "\n")
+    (folder / "README.md").write_text(relative_paths(header + markdown.rstrip() + "\n"))
     return folder
 
 

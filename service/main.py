@@ -14,6 +14,7 @@ from service.keys import read_stored_key
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.routes import completions, health, metrics, models
+from service.routes.docs import install_docs
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         registry.close()  # stop the engines' threads
 
-    app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.api_keys = settings.api_keys or [k for k in [read_stored_key(settings.data_dir)] if k]
     app.state.registry = registry
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(health.router)
+    install_docs(app)
     guarded = [Depends(require_api_key)]
     for router in (models.router, completions.router, metrics.router):
         app.include_router(router, dependencies=guarded)

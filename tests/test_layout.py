@@ -39,3 +39,23 @@ def test_library_reads_no_environment_variables():
                 if isinstance(node.value, ast.Name) and node.value.id == "os":
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_no_file_names_a_path_of_the_machine_it_was_written_on():
+    """Code, docs and results name files relative to the repository or `../shared/...`: a reader
+    elsewhere has no such folder as the one this clone lies in."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    here = f"{ROOT.parent}/"
+    offenders = []
+    for name in filter(None, tracked.stdout.split("\0")):
+        path = ROOT / name
+        if not path.is_file() or path.stat().st_size > 5_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue  # binary (a plot)
+        offenders += [f"{name}:{n}" for n, line in enumerate(text.splitlines(), 1) if here in line]
+    assert offenders == []

@@ -2,7 +2,7 @@
 
 - `stories260K`: llama2.c's pretrained TinyStories model with the TinyStories validation subset:
   blocks 0–399 are the validation text, the rest training. Tokenised as in
-  /work/shared/notes/xatl-at-tiny-scale.md: one BOS, blocks joined by a newline, no dummy-prefix
+  ../shared/notes/xatl-at-tiny-scale.md: one BOS, blocks joined by a newline, no dummy-prefix
   space per block; scored in windows of 256 predicted tokens.
 - `gutenberg`: a transformers Llama of about a million parameters (a few million with `--scale gpu`)
   that this benchmark pretrains on the 14 training books of gutenberg_mini, with a byte-level BPE

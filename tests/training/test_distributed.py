@@ -36,21 +36,32 @@ def test_two_processes_on_gloo_match_one_process_with_the_same_global_batch(tmp_
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
 
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    start = load_file(model_dir / "model.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        moved = (one[name] - start[name]).abs().max().item()
-        assert moved > 1e-3, name  # every tensor trained (the transferred ones after step 2)
-        # equal up to float rounding: summing in another order differs in the last bits, and Adam's
-        # normalisation magnifies that for elements whose gradient is near zero
-        assert (two[name] - one[name]).abs().max().item() < 0.05 * moved, name
-
+    # The losses of every step agree: both runs see the same global batches and start from the same weights.
     def losses(out):
         return [json.loads(line)["loss"] for line in (out / METRICS_FILE).read_text().splitlines()
                 if '"train"' in line]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+    # The weights agree up to float rounding, magnified by Adam. The two runs sum each gradient in a
+    # different order (gloo adds the ranks' halves), so they differ in the last bits; for the few
+    # elements whose gradient happens to be near zero (|g| ~ Adam's eps, 1e-8, against a typical
+    # 1e-4), the update g / (|g| + eps) turns a 1e-9 rounding difference into a visible fraction of
+    # the learning rate. Measured on an AMD EPYC: 4 of lm_head's 9,600 elements off by up to 0.13 of
+    # the distance they moved, every other element within 1e-5 of it. So what must hold is: every
+    # tensor trained, its difference small against its movement as a whole (relative norm), and
+    # (nearly) every element equal; a real fault (a rank's gradient dropped, not averaged, or
+    # another batch) moves most elements.
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(model_dir / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        moved, differ = one[name] - start[name], two[name] - one[name]
+        assert moved.abs().max() > 1e-3, name  # every tensor trained (the transferred ones after step 2)
+        assert differ.norm() < 0.02 * moved.norm(), name
+        off = (differ.abs() > 1e-3 * moved.abs().max()).float().mean().item()
+        assert off <= 0.01, f"{name}: {off:.2%} of elements differ"
+
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000003"
     assert (checkpoint / "rng-rank0.pt").is_file() and (checkpoint / "rng-rank1.pt").is_file()
 

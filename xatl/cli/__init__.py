@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("xatl.cli.eval", "cross-entropy and perplexity of a model on text"),
     "generate": ("xatl.cli.generate", "stream a completion with the constant-memory engine"),
     "lm-eval": ("xatl.cli.lm_eval", "lm-evaluation-harness's command line, with xatl models loadable"),
+    "sample": ("xatl.cli.sample", "find or download the sample donor (stories260K) and its text"),
 }
 
 

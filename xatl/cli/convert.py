@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from xatl.convert import convert
+
+    transformers_logging.disable_progress_bar()  # a one-file save needs no "Writing model shards" bar
 
     options = dict(_option(o) for o in args.mixer_option)
     result = convert(
