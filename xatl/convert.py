@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from xatl.artifacts import TRANSFER_REPORT, read_transfer_report, write_json_atomic
 from xatl.donors import Donor, load_donor
 from xatl.model import XatlForCausalLM
 from xatl.transfer import TransferReport, build_target_config, transfer_weights
-
-REPORT_FILE = "transfer_report.json"
 
 
 @dataclass
@@ -61,13 +59,8 @@ def save_conversion(model, tokenizer, report: TransferReport, out: str | Path) -
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    write_json_atomic(out / TRANSFER_REPORT, report.to_dict())
     return out
 
 
-def read_transfer_report(model_dir: str | Path) -> dict:
-    """The transfer report saved beside a converted model."""
-    path = Path(model_dir) / REPORT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {model_dir} a directory written by `xatl convert`?")
-    return json.loads(path.read_text())
+__all__ = ["Conversion", "convert", "read_transfer_report", "save_conversion"]

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from xatl.training.freeze import TRANSFER_REPORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,16 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
     from tqdm import tqdm
-    from transformers.utils import logging as transformers_logging
 
-    from xatl.data import resolve_paths
-    from xatl.eval import load_model
-    from xatl.training import TrainConfig, read_transfer_report, train, transferred_names
+    from xatl.training import TrainConfig
+    from xatl.training.run import TrainingData, TrainingRun, end_distributed, run_training, start_distributed
 
-    model_dir, out = Path(args.model_dir), Path(args.out)
     config = TrainConfig(
         max_tokens=args.tokens, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -90,42 +82,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.distill and not args.teacher:
         raise ValueError(f"--distill {config.distill} needs --teacher")
-    resolve_paths(args.data + (args.valid_data or []))  # a wrong path fails now, not after loading
-    transformers_logging.disable_progress_bar()  # ours is the one progress bar
+    data = TrainingData(data=args.data, valid_data=args.valid_data, valid_fraction=args.valid_fraction,
+                        split_by=args.split_by, text_field=args.text_field, block_size=args.block_size)
+    resume = (True if args.resume == "latest" else args.resume) if args.resume else False
+    run_spec = TrainingRun(model_dir=args.model_dir, config=config, out_dir=args.out, data=data,
+                           teacher=args.teacher, teacher_tokenizer=args.teacher_tokenizer,
+                           freeze_initialised=args.freeze_initialised, device=args.device, resume=resume)
 
-    # 1. Processes and device: torchrun sets up the group; one process otherwise
-    if torch.distributed.is_torchelastic_launched() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and dist.is_initialized():
-        device = torch.device("cuda", dist.get_node_local_rank())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # long products of decays underflow; denormals slow CPUs severalfold
-
-    # 2. Model, transferred weights, teacher
-    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
-    transferred: set[str] = set()
-    if (model_dir / TRANSFER_REPORT).is_file():
-        transferred = transferred_names(read_transfer_report(model_dir), include_initialised=args.freeze_initialised)
-    elif config.freeze != "none" or config.transferred_lr_scale != 1.0:
-        raise ValueError(f"--freeze and --transferred-lr-scale need {model_dir / TRANSFER_REPORT} "
-                         "(written by `xatl convert`)")
-    teacher = _load_teacher(args.teacher, args.teacher_tokenizer, device) if args.teacher else None
-
-    # 3. Data
-    blocks = _blocks(args, tokenizer, "train")
-    valid = _blocks(args, tokenizer, "validation")
-    if valid is not None and next(iter(valid), None) is None:
-        raise ValueError("the validation split is empty: give --valid-data, --split-by block, a larger "
-                         "--valid-fraction, or --valid-fraction 0 for none")
-
-    # 4. Train, with a progress bar on the first process
+    rank, _ = start_distributed()
     bar = tqdm(total=None, unit="step", disable=args.no_progress or rank != 0, dynamic_ncols=True)
 
-    def on_step(event: dict) -> None:
+    def on_event(event: dict) -> None:
         if event["event"] == "train":
             bar.total = event["total_steps"]
             bar.update(event["step"] - bar.n)
@@ -136,48 +103,16 @@ def run(args: argparse.Namespace) -> int:
         elif event["event"] == "unfreeze":
             bar.write(f"step {event['step']}: transferred weights unfrozen ({event['rule']})")
 
-    resume = (True if args.resume == "latest" else Path(args.resume)) if args.resume else False
-    result = train(model, blocks, config, valid_blocks=valid, teacher=teacher, transferred=transferred,
-                   out_dir=out, resume=resume, tokenizer=tokenizer, on_step=on_step)
-    bar.close()
+    try:
+        result = run_training(run_spec, on_event=on_event)
+    finally:
+        bar.close()
+        end_distributed()
     if rank == 0:
-        if (model_dir / TRANSFER_REPORT).is_file():  # the trained model keeps its provenance
-            (out / TRANSFER_REPORT).write_text((model_dir / TRANSFER_REPORT).read_text())
         summary = {"steps": result.step, "tokens": result.tokens, "loss": result.loss,
-                   "valid_loss": result.valid_loss, "unfreeze_step": result.unfreeze_step, "out": str(out)}
+                   "valid_loss": result.valid_loss, "unfreeze_step": result.unfreeze_step, "out": str(args.out)}
         print(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
-
-
-def _blocks(args, tokenizer, split: str):
-    """Training or validation blocks; None when there is no validation text."""
-    from xatl.data import TextBlocks
-
-    common = dict(text_field=args.text_field, seed=args.seed)
-    if split == "validation" and args.valid_data:
-        return TextBlocks(args.valid_data, tokenizer, args.block_size, keep_partial=True, **common)
-    if args.valid_data or args.valid_fraction == 0:
-        return None if split == "validation" else TextBlocks(args.data, tokenizer, args.block_size, **common)
-    return TextBlocks(args.data, tokenizer, args.block_size, split=split, valid_fraction=args.valid_fraction,
-                      split_by=args.split_by, keep_partial=split == "validation", **common)
-
-
-def _load_teacher(source: str, tokenizer: str | None, device):
-    """The donor as an all-attention `XatlForCausalLM`: a saved xatl model directory, or any donor
-    `xatl.donors.load_donor` reads (Hugging Face directory, llama2.c `.bin`), rebuilt by converting
-    it with attention everywhere."""
-    import torch
-
-    from xatl.convert import convert
-    from xatl.model import XatlForCausalLM
-
-    path = Path(source)
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "xatl":
-        return XatlForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    teacher = convert(source, tokenizer=tokenizer, mixer="attention", transfer="xatl").model
-    return teacher.to(device=device, dtype=torch.float32)
 
 
 def _count(text: str) -> int:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xatl.convert import REPORT_FILE as TRANSFER_REPORT
-from xatl.convert import read_transfer_report as read_report
+from xatl.artifacts import TRANSFER_REPORT
+from xatl.artifacts import read_transfer_report as read_report
 
 ORIGINS = ("copied", "initialised", "set", "random")  # "set": a fixed value with no donor source
 

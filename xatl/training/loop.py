@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xatl.artifacts import METRICS_FILE
 from xatl.data import BatchStream
 from xatl.eval import evaluate_loss
 from xatl.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -37,7 +38,6 @@ from xatl.training.freeze import parse_freeze
 from xatl.training.optim import LRSchedule, build_optimizer, set_learning_rates
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass

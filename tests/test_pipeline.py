@@ -1,0 +1,117 @@
+"""The job pipeline in the library: convert → train → evaluate → profile → publish, one call;
+resumed after a stop from the last checkpoint; its model folder published whole."""
+
+import json
+
+import pytest
+from job_fixtures import write_corpus, write_donor
+from transformers import AutoModelForCausalLM
+
+import xatl  # noqa: F401  (registers the model type)
+from xatl.pipeline import JOB_MARKER, ConvertStage, EvaluateStage, PipelineSpec, TrainStage, run_pipeline
+from xatl.training import TrainConfig
+from xatl.training.run import TrainingData
+
+
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory):
+    return write_donor(tmp_path_factory.mktemp("donor"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.jsonl")
+
+
+def spec_for(donor, corpus, *, steps=8, save_every=3, **overrides):
+    return PipelineSpec(
+        convert=ConvertStage(donor=str(donor), mixer="gla"),
+        train=TrainStage(config=TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, save_every=save_every),
+                         data=TrainingData([str(corpus)], valid_fraction=0.2, block_size=16)),
+        evaluate=EvaluateStage(contexts=(8, 32), decode_tokens=4), name="tiny-gla", **overrides)
+
+
+def test_a_conversion_job_ends_in_a_published_model_with_its_figures(tmp_path, donor, corpus):
+    events = []
+    result = run_pipeline(spec_for(donor, corpus), tmp_path / "work", publish_to=tmp_path / "models" / "tiny-gla",
+                          job_id="job-1", on_event=events.append)
+    assert not result.stopped and result.model_dir == str(tmp_path / "models" / "tiny-gla")
+    stages = [(e["stage"], e["status"]) for e in events if e["event"] == "stage"]
+    assert stages == [(s, status) for s in ("convert", "train", "evaluate", "profile", "publish")
+                      for status in ("started", "done")]
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 9))
+
+    # the figures: losses beside the donor's on the same text, decode profile beside the donor's
+    assert result.train["steps"] == 8 and result.transfer["fraction_transferred"] > 0.5
+    evaluation = result.evaluation
+    assert evaluation["gap"] == pytest.approx(evaluation["valid_loss"] - evaluation["base_valid_loss"])
+    model_rows, base_rows = result.profile["model"], result.profile["base"]
+    assert [r["context"] for r in model_rows] == [8, 32]
+    assert model_rows[0]["state_bytes"] == model_rows[1]["state_bytes"]  # constant memory
+    assert base_rows[1]["state_bytes"] > base_rows[0]["state_bytes"]  # attention's cache grows
+
+    # the published folder: loadable, with its card, curve, report and provenance
+    folder = tmp_path / "models" / "tiny-gla"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "transfer_report.json", "metrics.jsonl",
+                 "loss_curve.png", "README.md", JOB_MARKER):
+        assert (folder / name).is_file(), name
+    assert not (folder / "checkpoints").exists()
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "- \"gla\"" in card and "base valid loss" in card
+    assert json.loads((folder / JOB_MARKER).read_text())["job_id"] == "job-1"
+    assert AutoModelForCausalLM.from_pretrained(folder).config.layer_mixers == ["gla", "gla"]
+    assert [p.name for p in folder.parent.iterdir()] == ["tiny-gla"]  # nothing left beside it
+
+
+def test_a_stopped_job_resumes_from_its_last_checkpoint_and_skips_finished_stages(tmp_path, donor, corpus):
+    spec = spec_for(donor, corpus, steps=8, save_every=3)
+    first = []
+    steps_seen = []
+
+    def stop_after_four():
+        return len(steps_seen) >= 4
+
+    def record(event):
+        first.append(event)
+        if event["event"] == "train":
+            steps_seen.append(event["step"])
+
+    stopped = run_pipeline(spec, tmp_path / "work", publish_to=tmp_path / "models" / "m", job_id="job-2",
+                           on_event=record, should_stop=stop_after_four)
+    assert stopped.stopped and stopped.model_dir is None
+    assert not (tmp_path / "models" / "m").exists()  # nothing published
+    assert [e["step"] for e in first if e["event"] == "checkpoint"] == [3, 4]  # periodic, then at the stop
+
+    second = []
+    done = run_pipeline(spec, tmp_path / "work", publish_to=tmp_path / "models" / "m", job_id="job-2",
+                        on_event=second.append)
+    assert not done.stopped
+    assert ("convert", "skipped") in [(e["stage"], e["status"]) for e in second if e["event"] == "stage"]
+    resume = next(e for e in second if e["event"] == "resume")
+    assert resume["step"] == 4
+    assert [e["step"] for e in second if e["event"] == "train"] == [5, 6, 7, 8]  # never back past the checkpoint
+
+    third = []
+    again = run_pipeline(spec, tmp_path / "work", publish_to=tmp_path / "models" / "m", job_id="job-2",
+                         on_event=third.append)
+    assert {e["status"] for e in third if e["event"] == "stage"} == {"skipped"}
+    assert again.model_dir == done.model_dir
+
+
+def test_a_fine_tune_starts_from_a_model_folder(tmp_path, donor, corpus):
+    converted = run_pipeline(PipelineSpec(convert=ConvertStage(donor=str(donor), mixer="retention")),
+                             tmp_path / "convert", publish_to=tmp_path / "models" / "base")
+    spec = PipelineSpec(base_model=converted.model_dir,
+                        train=TrainStage(config=TrainConfig(max_steps=2, batch_size=4),
+                                         data=TrainingData([str(corpus)], valid_fraction=0.2, block_size=16)),
+                        evaluate=EvaluateStage(contexts=(8,), decode_tokens=3))
+    result = run_pipeline(spec, tmp_path / "ft", publish_to=tmp_path / "models" / "ft")
+    assert result.train["steps"] == 2 and "base_valid_loss" in result.evaluation
+    assert "retention" in (tmp_path / "models" / "ft" / "config.json").read_text()
+
+
+def test_a_pipeline_needs_exactly_one_starting_point(donor):
+    with pytest.raises(ValueError, match="exactly one"):
+        PipelineSpec()
+    with pytest.raises(ValueError, match="exactly one"):
+        PipelineSpec(convert=ConvertStage(donor=str(donor)), base_model="x")

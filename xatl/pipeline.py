@@ -1,0 +1,396 @@
+"""A job from start to a published model: convert → train → evaluate → profile → publish.
+
+    run_pipeline(
+        PipelineSpec(convert=ConvertStage(donor="stories260K.bin", tokenizer="tok512.bin", mixer="gla"),
+                     train=TrainStage(data=TrainingData(["stories.txt"]), config=TrainConfig(max_steps=400)),
+                     evaluate=EvaluateStage(contexts=(128, 512))),
+        work_dir="runs/job-1", publish_to="data/models/stories-gla", on_event=print)
+
+A conversion starts from a donor (`convert`); a fine-tune from a model folder (`base_model`). The
+workers run jobs through this function, and so does the XATL-vs-scratch benchmark; `xatl train`
+runs its training stage alone (`xatl.training.run`).
+
+Resumable: each stage leaves its output in `work_dir` and a finished stage is not run again, so
+calling again with the same arguments after a crash picks up where the last call stopped —
+training from its last checkpoint (`save_every`). Outputs appear atomically (written aside, then
+renamed), so a crash never leaves half a stage that looks finished. `should_stop` is polled between
+stages and after every training step; a stopped run returns with `stopped=True` (training saves a
+checkpoint first).
+
+Events, passed to `on_event` (JSON-ready dicts, rank 0 only): `{"event": "stage", "stage", "status":
+"started" | "done" | "skipped", ...}` for every stage, `{"event": "resume", "step", "checkpoint"}`
+when training continues a checkpoint, the training loop's own events (`train`, `eval`, `unfreeze`,
+`checkpoint`, `done`, `stopped`; see `xatl.training.loop`), and `{"event": "published", "path"}`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from xatl.artifacts import (
+    LOSS_CURVE,
+    METRICS_FILE,
+    MODEL_CARD,
+    RESULT_FILE,
+    TRANSFER_REPORT,
+    model_card,
+    publish,
+    read_json,
+    write_atomic,
+    write_json_atomic,
+)
+from xatl.training.loop import TrainConfig
+from xatl.training.run import TrainingData, TrainingRun, end_distributed, pick_device, run_training, start_distributed
+
+JOB_MARKER = "xatl_job.json"  # in a published model folder: which run made it
+
+
+@dataclass
+class ConvertStage:
+    donor: str
+    tokenizer: str | None = None  # a llama2.c donor's tokenizer .bin
+    mixer: str = "gla"
+    attention_layers: Sequence[int] = ()
+    transfer: str = "xatl+qkv"
+    mixer_options: dict | None = None  # {option: value} for `mixer`
+    seed: int = 0
+
+
+@dataclass
+class TrainStage:
+    config: TrainConfig
+    data: TrainingData | None = None  # None when run_pipeline gets blocks
+    teacher: str | None = None  # for distillation; default: the donor of a conversion, the base of a fine-tune
+    teacher_tokenizer: str | None = None
+    freeze_initialised: bool = False
+
+
+@dataclass
+class EvaluateStage:
+    data: Sequence[str] | None = None  # default: the training's validation text
+    block_size: int | None = None  # default: the training's
+    batch_size: int = 8
+    max_batches: int | None = 50  # bounds the time on large validation text
+    compare_base: bool = True  # also score the donor (conversion) or the base model (fine-tune)
+    lm_eval_tasks: Sequence[str] = ()
+    lm_eval_limit: int | None = None
+    contexts: Sequence[int] = (128, 512)  # decode profile, beside the base's
+    decode_tokens: int = 32
+
+
+@dataclass
+class PipelineSpec:
+    convert: ConvertStage | None = None
+    base_model: str | None = None  # a model folder: a fine-tune
+    train: TrainStage | None = None
+    evaluate: EvaluateStage | None = None
+    name: str | None = None  # the model's name in its card
+    device: str | None = None
+    datasets: Sequence[str] = field(default_factory=tuple)  # named in the model card
+
+    def __post_init__(self):
+        if (self.convert is None) == (self.base_model is None):
+            raise ValueError("a pipeline starts from a donor to convert or from a base model, exactly one")
+
+
+@dataclass
+class PipelineResult:
+    stopped: bool
+    model_dir: str | None  # the published folder (or the final one in work_dir without publish_to)
+    transfer: dict | None = None  # the transfer report's summary
+    train: dict | None = None
+    evaluation: dict | None = None
+    profile: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    work_dir: str | Path,
+    *,
+    publish_to: str | Path | None = None,
+    job_id: str | None = None,
+    blocks: Iterable[torch.Tensor] | None = None,
+    valid_blocks: Iterable[torch.Tensor] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PipelineResult:
+    """Run `spec` in `work_dir` (created if needed) and publish the model to `publish_to`.
+
+    `blocks`/`valid_blocks` replace the training text for callers that tokenise it themselves.
+    Under torchrun, rank 0 converts, evaluates and publishes while every rank trains.
+    """
+    work_dir = Path(work_dir)
+    rank, world = start_distributed()
+    emit = (on_event or (lambda event: None)) if rank == 0 else (lambda event: None)
+    stop = should_stop or (lambda: False)
+    stages = _Stages(spec, work_dir, emit, rank, world)
+    try:
+        # 1. The starting model
+        start_dir = stages.convert() if spec.convert is not None else Path(spec.base_model)
+        transfer = _transfer_summary(start_dir)
+        if stop():
+            return PipelineResult(True, None, transfer)
+
+        # 2. Training
+        final_dir, train_result = start_dir, None
+        if spec.train is not None:
+            train_result = stages.train(start_dir, blocks, valid_blocks, stop)
+            if train_result.get("stopped"):
+                return PipelineResult(True, None, transfer, train_result)
+            final_dir = work_dir / "train"
+        if rank != 0:
+            return PipelineResult(False, None, transfer, train_result)
+
+        # 3. Evaluation and the decode profile, beside the donor's (or the base model's)
+        evaluation = profile = None
+        if spec.evaluate is not None and not stop():
+            evaluation = stages.evaluate(final_dir, valid_blocks)
+        if spec.evaluate is not None and not stop():
+            profile = stages.profile(final_dir)
+        if stop():
+            return PipelineResult(True, None, transfer, train_result, evaluation, profile)
+
+        # 4. The model folder: weights, tokenizer, report, metrics, loss curve, card — then published
+        result = PipelineResult(False, None, transfer, train_result, evaluation, profile)
+        model_dir = stages.assemble(final_dir, result, job_id)
+        if publish_to is not None:
+            model_dir = stages.publish(model_dir, Path(publish_to), job_id)
+        result.model_dir = str(model_dir)
+        return result
+    finally:
+        end_distributed()
+
+
+class _Stages:
+    """The stages of one pipeline run, each skipping itself when its output is already there."""
+
+    def __init__(self, spec: PipelineSpec, work_dir: Path, emit, rank: int, world: int):
+        self.spec, self.work_dir, self.emit, self.rank, self.world = spec, work_dir, emit, rank, world
+        self.device = pick_device(spec.device)
+
+    def _stage(self, name: str, status: str, **details) -> None:
+        self.emit({"event": "stage", "stage": name, "status": status, "time": time.time(), **details})
+
+    # -- convert --------------------------------------------------------------------------------------
+    def convert(self) -> Path:
+        from xatl.convert import convert
+
+        out = self.work_dir / "converted"
+        if (out / "config.json").is_file():
+            self._stage("convert", "skipped", reason="converted in an earlier attempt")
+            return out
+        if self.rank == 0:
+            self._stage("convert", "started")
+            stage = self.spec.convert
+            partial = self.work_dir / "converted.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            conversion = convert(stage.donor, tokenizer=stage.tokenizer, mixer=stage.mixer,
+                                 attention_layers=list(stage.attention_layers), transfer=stage.transfer,
+                                 mixer_options={stage.mixer: stage.mixer_options} if stage.mixer_options else None,
+                                 seed=stage.seed, out=partial)
+            partial.rename(out)
+            self._stage("convert", "done", **conversion.report.summary())
+        _barrier(self.world)
+        return out
+
+    # -- train ----------------------------------------------------------------------------------------
+    def train(self, start_dir: Path, blocks, valid_blocks, stop) -> dict:
+        from xatl.training.checkpoint import latest_checkpoint
+
+        out = self.work_dir / "train"
+        done = read_json(out / RESULT_FILE)
+        if done is not None:
+            self._stage("train", "skipped", reason="trained in an earlier attempt")
+            return done
+        stage = self.spec.train
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+        if checkpoint is not None:
+            self.emit({"event": "resume", "step": int(checkpoint.name.split("-")[-1]), "checkpoint": str(checkpoint)})
+        self._stage("train", "started")
+        teacher, teacher_tokenizer = stage.teacher, stage.teacher_tokenizer
+        if teacher is None and stage.config.distill:  # the donor teaches its conversion; the base its fine-tune
+            if self.spec.convert is not None:
+                teacher, teacher_tokenizer = self.spec.convert.donor, self.spec.convert.tokenizer
+            else:
+                teacher = self.spec.base_model
+        run = TrainingRun(model_dir=start_dir, config=stage.config, out_dir=out, data=stage.data, teacher=teacher,
+                          teacher_tokenizer=teacher_tokenizer, freeze_initialised=stage.freeze_initialised,
+                          device=str(self.device), resume=checkpoint if checkpoint is not None else False)
+        started = time.perf_counter()
+        result = run_training(run, blocks=blocks, valid_blocks=valid_blocks, on_event=self.emit, should_stop=stop)
+        summary = {"steps": result.step, "total_steps": result.total_steps, "tokens": result.tokens,
+                   "loss": result.loss, "valid_loss": result.valid_loss, "unfreeze_step": result.unfreeze_step,
+                   "seconds": time.perf_counter() - started, "stopped": result.stopped}
+        if not result.stopped and self.rank == 0:
+            write_json_atomic(out / RESULT_FILE, summary)
+            self._stage("train", "done", **summary)
+        return summary
+
+    # -- evaluate -------------------------------------------------------------------------------------
+    def evaluate(self, model_dir: Path, valid_blocks) -> dict:
+        from xatl.eval import evaluate_loss, load_model, run_lm_eval
+
+        path = self.work_dir / "evaluation.json"
+        if (done := read_json(path)) is not None:
+            self._stage("evaluate", "skipped", reason="evaluated in an earlier attempt")
+            return done
+        self._stage("evaluate", "started")
+        stage = self.spec.evaluate
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        blocks = valid_blocks if valid_blocks is not None else self._validation_blocks(tokenizer)
+        result: dict = {}
+        if blocks is not None:
+            blocks = list(blocks)
+            result["valid_loss"] = evaluate_loss(model, blocks, batch_size=stage.batch_size,
+                                                 max_batches=stage.max_batches).loss
+            if stage.compare_base:
+                base = self._base_model()
+                result["base_valid_loss"] = evaluate_loss(base, blocks, batch_size=stage.batch_size,
+                                                          max_batches=stage.max_batches).loss
+                result["gap"] = result["valid_loss"] - result["base_valid_loss"]
+                del base
+        if stage.lm_eval_tasks:
+            harness = run_lm_eval(model_dir, list(stage.lm_eval_tasks), limit=stage.lm_eval_limit,
+                                  device=str(self.device))
+            result["lm_eval"] = harness["results"]
+        write_json_atomic(path, result)
+        self._stage("evaluate", "done", **{k: v for k, v in result.items() if k != "lm_eval"})
+        return result
+
+    def _validation_blocks(self, tokenizer):
+        from xatl.data import TextBlocks
+
+        stage, train = self.spec.evaluate, self.spec.train
+        block_size = stage.block_size or (train.data.block_size if train and train.data else 512)
+        if stage.data:
+            return TextBlocks(list(stage.data), tokenizer, block_size, keep_partial=True)
+        if train is None or train.data is None:
+            return None
+        data = train.data
+        if data.valid_data:
+            return TextBlocks(list(data.valid_data), tokenizer, block_size, keep_partial=True,
+                              text_field=data.text_field)
+        if data.valid_fraction == 0:
+            return None
+        return TextBlocks(list(data.data), tokenizer, block_size, split="validation",
+                          valid_fraction=data.valid_fraction, split_by=data.split_by, keep_partial=True,
+                          text_field=data.text_field, seed=train.config.seed)
+
+    def _base_model(self):
+        """The donor rebuilt with attention everywhere (a conversion), or the base model (a fine-tune)."""
+        from xatl.training.run import load_teacher
+
+        if self.spec.convert is not None:
+            return load_teacher(self.spec.convert.donor, self.spec.convert.tokenizer, self.device).eval()
+        return load_teacher(self.spec.base_model, None, self.device).eval()
+
+    # -- profile --------------------------------------------------------------------------------------
+    def profile(self, model_dir: Path) -> dict:
+        from xatl.eval import load_model
+        from xatl.serving.profile import decode_profile
+
+        path = self.work_dir / "profile.json"
+        if (done := read_json(path)) is not None:
+            self._stage("profile", "skipped", reason="profiled in an earlier attempt")
+            return done
+        self._stage("profile", "started")
+        stage = self.spec.evaluate
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        result = {"model": decode_profile(model, tokenizer, stage.contexts, decode_tokens=stage.decode_tokens)}
+        if stage.compare_base:
+            result["base"] = decode_profile(self._base_model(), tokenizer, stage.contexts,
+                                            decode_tokens=stage.decode_tokens)
+        write_json_atomic(path, result)
+        self._stage("profile", "done", **result)
+        return result
+
+    # -- the model folder -----------------------------------------------------------------------------
+    def assemble(self, final_dir: Path, result: PipelineResult, job_id: str | None) -> Path:
+        """The folder to publish: the final weights and tokenizer, the transfer report, the training
+        metrics and loss curve, the model card and which run made it."""
+        out = self.work_dir / "model"
+        if (out / "config.json").is_file() and (out / JOB_MARKER).is_file():
+            return out
+        partial = self.work_dir / "model.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for item in final_dir.iterdir():
+            if item.is_file() and item.name != RESULT_FILE:  # not checkpoints/ (resumable state, not the model)
+                shutil.copy2(item, partial / item.name)
+        if (partial / METRICS_FILE).is_file():
+            from xatl.plots import loss_curve
+
+            loss_curve(partial / METRICS_FILE, partial / LOSS_CURVE, title=self.spec.name or "training")
+        write_atomic(partial / MODEL_CARD, self._card(result))
+        write_json_atomic(partial / JOB_MARKER, {"job_id": job_id, "result": result.to_dict()})
+        partial.rename(out)
+        return out
+
+    def publish(self, model_dir: Path, destination: Path, job_id: str | None) -> Path:
+        marker = read_json(destination / JOB_MARKER)
+        if marker is not None and marker.get("job_id") == job_id:  # published by an earlier attempt
+            self._stage("publish", "skipped", reason="published in an earlier attempt")
+            return destination
+        self._stage("publish", "started")
+        publish(model_dir, destination, copy=True)
+        self.emit({"event": "published", "path": str(destination)})
+        self._stage("publish", "done")
+        return destination
+
+    def _card(self, result: PipelineResult) -> str:
+        spec = self.spec
+        convert = spec.convert
+        base = convert.donor if convert is not None else spec.base_model
+        mixer = convert.mixer if convert is not None else None
+        tags = ["xatl", "linear-attention", "cross-architecture-transfer"] + ([mixer] if mixer else [])
+        if convert is not None:
+            summary = (f"A linear-cost conversion of `{_source_name(base)}`: attention replaced by `{mixer}` mixers"
+                       + (f" except in layers {list(convert.attention_layers)}" if convert.attention_layers else "")
+                       + f", weights transferred with `{convert.transfer}`")
+        else:
+            summary = f"`{_source_name(base)}` trained further"
+        if result.train:
+            summary += f", then trained for {result.train['steps']} steps ({result.train['tokens']:,} tokens)"
+        figures = {}
+        if result.transfer:
+            figures["parameters"] = result.transfer.get("parameters")
+            figures["fraction transferred from the donor"] = result.transfer.get("fraction_transferred")
+        if result.evaluation:
+            for key in ("valid_loss", "base_valid_loss", "gap"):
+                if key in result.evaluation:
+                    figures[key.replace("_", " ") + " (nats/token)"] = result.evaluation[key]
+        for row in (result.profile or {}).get("model", []):
+            if "tokens_per_s" in row:
+                figures[f"decode tokens/s at {row['context']} tokens"] = row["tokens_per_s"]
+                figures[f"state bytes at {row['context']} tokens"] = row["state_bytes"]
+        hub_id = None if Path(base).exists() else base  # the card's base_model names a hub model, not a file
+        return model_card(name=spec.name or "xatl model", base_model=hub_id, tags=tags,
+                          datasets=list(spec.datasets), summary=summary + ".", figures=figures)
+
+
+def _source_name(source: str) -> str:
+    """A hub id as it is; a local path by its name alone (a reader elsewhere has no such path)."""
+    return Path(source).name if Path(source).exists() else source
+
+
+def _transfer_summary(model_dir: Path) -> dict | None:
+    report = read_json(model_dir / TRANSFER_REPORT)
+    return report.get("summary") if isinstance(report, dict) else None
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+__all__ = ["ConvertStage", "EvaluateStage", "JOB_MARKER", "PipelineResult", "PipelineSpec", "TrainStage",
+           "run_pipeline"]
