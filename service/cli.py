@@ -1,8 +1,12 @@
-"""`xatl serve [--host] [--port] [--data-dir DIR] [--models-dir DIR]`: start the service.
+"""`xatl serve [--host] [--port] [--data-dir DIR]`: start the service — the API, a Redis, a worker.
 
-Options override the environment (`XATL_HOST`, `XATL_PORT`, `XATL_HOME`, `XATL_MODELS_DIR`, and
-the other `XATL_` settings of `service.config.Settings`). Without `XATL_API_KEYS`, the key stored
-in the data directory is used, or one is made, stored there and printed.
+On one machine, one command: the database is brought to the newest schema (SQLite under the data
+directory unless `XATL_DATABASE_URL` says otherwise), a Redis is started under the data directory
+unless `XATL_REDIS_URL` names one, and a local worker takes jobs (unless `--no-worker`). Options
+override the environment (`XATL_HOST`, `XATL_PORT`, `XATL_HOME`, `XATL_MODELS_DIR`, and the other
+`XATL_` settings of `service.config.Settings`). Without `XATL_API_KEYS`, the key stored in the data
+directory is used, or one is made, stored there and printed. `--sample-job DIR` submits the sample
+conversion once the API is up (see `service.sample_job`). Ctrl-C stops everything in order.
 """
 
 from __future__ import annotations
@@ -13,26 +17,66 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    parser.add_argument("--data-dir", help="the service's own files: API key, models/ (default ./data)")
+    parser.add_argument("--data-dir",
+                        help="the service's files: key, database, uploads, jobs, models (default ./data)")
     parser.add_argument("--models-dir", help="folder of servable models (default <data-dir>/models)")
+    parser.add_argument("--import-root", action="append", default=None, metavar="DIR",
+                        help="a folder whose files jobs may name by path (repeatable)")
+    parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
+    parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
+    parser.add_argument("--sample-job", metavar="DIR", help="submit the sample conversion from the files in DIR "
+                        "(as `xatl sample --link DIR` leaves them) once the API is up, unless its model exists")
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from service.config import Settings
+    from service.embedded import start_redis, start_worker
     from service.keys import KEY_FILE, create_stored_key, read_stored_key
     from service.main import create_app
+    from worker.store import migrate
 
-    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
+             "import_roots": args.import_root}
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
     if settings.api_keys:
-        print(f"API keys: {len(settings.api_keys)} from XATL_API_KEYS")
-    elif read_stored_key(settings.data_dir):
-        print(f"API key: the one stored in {settings.data_dir / KEY_FILE}")
+        key, where = settings.api_keys[0], f"{len(settings.api_keys)} from XATL_API_KEYS"
+    elif (key := read_stored_key(settings.data_dir)) is not None:
+        where = f"stored in {settings.data_dir / KEY_FILE}"
     else:
-        key = create_stored_key(settings.data_dir)
-        print(f"API key (new, stored in {settings.data_dir / KEY_FILE}): {key}")
-    print(f"models: {settings.resolved_models_dir.resolve()}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        key, where = create_stored_key(settings.data_dir), f"new, stored in {settings.data_dir / KEY_FILE}"
+
+    migrate(settings.resolved_database_url)
+    children = []
+    try:
+        if not settings.redis_url:
+            redis, url = start_redis(settings.data_dir / "redis")
+            children.append(redis)
+            settings = settings.model_copy(update={"redis_url": url})
+        if not args.no_worker:
+            children.append(start_worker(settings.environment(), log=settings.data_dir / "logs" / "worker.log",
+                                         gpus=args.worker_gpus))
+        base = f"http://{settings.host}:{settings.port}"
+        print(f"xatl service at {base}  (API docs: {base}/docs)")
+        print(f"API key ({where}): {key}")
+        print(f"models: {settings.resolved_models_dir.resolve()}")
+        print(f"Redis: {settings.redis_url}" + ("  (embedded, under the data directory)" if children and
+                                                 children[0].name == "redis" else ""))
+        if not args.no_worker:
+            print(f"worker log: {settings.data_dir / 'logs' / 'worker.log'}")
+        app = create_app(settings)
+        if args.sample_job:
+            from service.sample_job import submit_when_ready
+
+            submit_when_ready(base, key, args.sample_job, settings.resolved_models_dir)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        for child in reversed(children):  # the worker first: its jobs checkpoint and go back to the queue
+            child.stop(timeout=60 if child.name == "worker" else 10)
     return 0

@@ -1,27 +1,26 @@
 """Service settings, from the environment (prefix `XATL_`) or from `xatl serve`'s options.
 
-The data directory (`--data-dir`, env `XATL_HOME`, default `./data`) holds the stored API key and,
-by default, the models (`models/` under it: each folder there is a servable model). It is not
-`XATL_DATA_DIR`, which names the data sets that tests and benchmarks read.
+The job system's settings (`worker.config.WorkerSettings`: the data directory, database, Redis,
+import roots, leases) are the service's too, under the same names. The data directory
+(`--data-dir`, env `XATL_HOME`, default `./data`) holds the stored API key, the database, uploads,
+jobs and, by default, the models (`models/` under it: each folder there is a servable model). It is
+not `XATL_DATA_DIR`, which names the data sets that tests and benchmarks read.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from worker.config import WorkerSettings
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", populate_by_name=True)
-
+class Settings(WorkerSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Bearer keys accepted by every route but /health (comma-separated)"
     )
-    data_dir: Path = Field(Path("data"), validation_alias="XATL_HOME", description="the service's own files")
-    models_dir: Path | None = Field(None, description="folder of servable models; default: <data_dir>/models")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -41,7 +40,3 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
-
-    @property
-    def resolved_models_dir(self) -> Path:
-        return self.models_dir if self.models_dir is not None else self.data_dir / "models"

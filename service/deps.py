@@ -13,6 +13,7 @@ from service.config import Settings
 from service.errors import APIError
 from service.metrics import Metrics
 from service.registry import ModelRegistry
+from worker.store import JobStore
 
 
 class StreamLimiter:
@@ -50,10 +51,15 @@ def get_limiter(request: Request) -> StreamLimiter:
     return request.app.state.limiter
 
 
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LimiterDep = Annotated[StreamLimiter, Depends(get_limiter)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -32,6 +32,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def validation_error(error, *, union_tags: tuple[str, ...] = ()) -> APIError:
+    """A 400 for a pydantic `ValidationError` of a body the route parsed itself: `param` is the
+    dotted path of the first field at fault (`training.steps`), without the tags of a union."""
+    first = error.errors()[0]
+    path = [str(part) for part in first["loc"] if part not in union_tags]
+    param = ".".join(path) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code=first["type"])
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -13,8 +13,9 @@ from service.errors import install_error_handlers
 from service.keys import read_stored_key
 from service.metrics import Metrics
 from service.registry import ModelRegistry
-from service.routes import completions, health, metrics, models
+from service.routes import completions, files, health, jobs, metrics, models
 from service.routes.docs import install_docs
+from worker.store import JobStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,10 +25,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_batch_size=settings.max_batch_size, torch_threads=settings.torch_threads, compile=settings.compile,
     )
 
+    store = JobStore(settings.resolved_database_url)  # the schema comes from `xatl db upgrade` / `xatl serve`
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         registry.close()  # stop the engines' threads
+        store.close()
 
     app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
@@ -35,11 +39,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.metrics = Metrics(registry)
     app.state.limiter = StreamLimiter(settings.max_concurrent_streams)
+    app.state.store = store
+    app.state.dispatch = _dispatcher(settings)
     install_error_handlers(app)
 
     app.include_router(health.router)
     install_docs(app)
     guarded = [Depends(require_api_key)]
-    for router in (models.router, completions.router, metrics.router):
+    for router in (models.router, completions.router, metrics.router, files.router, jobs.router):
         app.include_router(router, dependencies=guarded)
     return app
+
+
+def _dispatcher(settings: Settings):
+    """Sends a job id to its queue (Celery, by task name: the worker's code is not imported here)."""
+    celery = None
+
+    def dispatch(job_id: str, queue: str) -> None:
+        nonlocal celery
+        if not settings.redis_url:
+            raise RuntimeError("no Redis is configured (XATL_REDIS_URL): a worker's sweep will send the job")
+        if celery is None:
+            from worker.celery_app import make_celery
+
+            celery = make_celery(settings.redis_url)
+        from worker.celery_app import dispatch as send
+
+        send(celery, job_id, queue)
+
+    return dispatch

@@ -59,7 +59,7 @@ class ModelRegistry:
         return [
             ModelFolder(path.name, path, int(path.stat().st_mtime))
             for path in sorted(self.models_dir.iterdir())
-            if (path / "config.json").is_file()
+            if not path.name.startswith(".") and (path / "config.json").is_file()  # hidden: being published
         ]
 
     def folder(self, name: str) -> ModelFolder:
@@ -85,6 +85,17 @@ class ModelRegistry:
 
     def loaded(self) -> dict[str, Engine]:
         return dict(self._engines)
+
+    def unload(self, name: str) -> bool:
+        """Close the engine of `name` if it is loaded and idle; False while it has requests."""
+        engine = self._engines.get(name)
+        if engine is None:
+            return True
+        stats = engine.stats()
+        if stats.running or stats.waiting:
+            return False
+        self._engines.pop(name).close()
+        return True
 
     def close(self) -> None:
         for engine in self._engines.values():

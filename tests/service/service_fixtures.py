@@ -1,20 +1,14 @@
 """A real uvicorn server on a free loopback port, in a thread of the test process (so tests can
 look at the engines behind it), serving tiny models saved in a temporary models directory."""
 
-import socket
-import threading
-import time
-
 import httpx
 import torch
-import uvicorn
+from http_server import ServerThread  # noqa: F401  (the tests import it from here)
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import xatl
-from service.config import Settings
-from service.main import create_app
 
 API_KEY = "test-key"
 TEXT = ["Once upon a time there was a little girl named Lily.", "Héllo wörld 日本語 🙂 café."]
@@ -40,37 +34,6 @@ def save_tiny_model(folder, plan, tokenizer, seed=0):
     )
     xatl.XatlForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-class ServerThread:
-    def __init__(self, settings: Settings):
-        self.app = create_app(settings)
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
-
-    def engine(self, model: str):
-        return self.app.state.registry.loaded()[model]
 
 
 def metric(server: ServerThread, name: str, **labels) -> float:

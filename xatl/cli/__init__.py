@@ -26,8 +26,18 @@ COMMANDS = {
 def _all_commands() -> dict[str, tuple[str, str]]:
     commands = dict(COMMANDS)
     for ep in entry_points(group="xatl.commands"):
-        commands.setdefault(ep.name, (ep.value, f"(from {ep.value})"))
+        commands.setdefault(ep.name, (ep.value, _summary(ep.value)))
     return commands
+
+
+def _summary(module_name: str) -> str:
+    """A command's help from its module's docstring, after the usage in backquotes."""
+    try:
+        doc = importlib.import_module(module_name).__doc__ or ""
+    except ImportError as error:  # a broken plug-in must not take the whole CLI down
+        return f"(unavailable: {error})"
+    first = doc.strip().split("\n\n")[0].replace("\n", " ")
+    return first.split("`: ", 1)[-1].rstrip(".") if "`: " in first else first
 
 
 class CLIError(Exception):

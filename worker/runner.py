@@ -1,0 +1,231 @@
+"""`python -m worker.runner JOB_ID OWNER`: run one job through `xatl.pipeline`, in the child
+process a worker starts for it (`worker.tasks`), and record how it went.
+
+It turns the stored spec into the library's `PipelineSpec` (file ids and paths resolved to files
+on the shared data volume), runs it in `<data_dir>/jobs/<id>/` — where an earlier attempt's
+stages and checkpoints are found and reused — and publishes the model to `<models_dir>/<name>`.
+Events become job events and progress; checkpoints are recorded as they are saved. It stops
+between steps when the job is cancelled, when its lease is lost, or on SIGTERM (the worker is
+shutting down: a checkpoint is saved and it exits `EXIT_SUSPENDED`, to be resumed).
+Settings come from the environment the worker passes (`XATL_…`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from pydantic import TypeAdapter
+
+from worker.config import WorkerSettings
+from worker.guard import die_with_parent
+from worker.references import BadReference, check_path, classify
+from worker.specs import ConversionJob, JobSpec
+from worker.store import JobStore
+
+logger = logging.getLogger("xatl.runner")
+STOP_POLL_SECONDS = 1.0  # how often the store is asked whether the job was cancelled
+EXIT_SUSPENDED = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint, to be resumed
+EXIT_LEASE_LOST = 76  # another worker holds the job: nothing more was written
+
+
+class JobFailed(Exception):
+    def __init__(self, message: str, *, code: str, param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+class _Stop:
+    """`should_stop` for the pipeline: cancelled, lease lost, or SIGTERM — polled after every step."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str):
+        self.store, self.job_id, self.owner = store, job_id, owner
+        self.reason: str | None = None
+        self._checked = 0.0
+        signal.signal(signal.SIGTERM, self._suspend)
+
+    def _suspend(self, *_):
+        self.reason = self.reason or "suspend"
+
+    def __call__(self) -> bool:
+        if self.reason is None and time.monotonic() - self._checked >= STOP_POLL_SECONDS:
+            self._checked = time.monotonic()
+            try:
+                if not self.store.holds(self.job_id, self.owner):
+                    self.reason = "lease lost"
+                elif self.store.cancel_requested(self.job_id):
+                    self.reason = "cancel"
+            except Exception:  # a blip of the database must not stop training
+                logger.exception("could not read the job's state")
+        return self.reason is not None
+
+
+class _Recorder:
+    """The pipeline's events as job events, checkpoints and progress."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, data_dir: Path):
+        self.store, self.job_id, self.owner, self.data_dir = store, job_id, owner, data_dir
+        self.progress: dict = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        add = self.store.add_event
+        if kind == "stage":
+            self.progress["stage"] = event["stage"]
+            details = {k: v for k, v in event.items() if k not in ("event", "time")}
+            add(self.job_id, "stage", f"{event['stage']} {event['status']}", details)
+        elif kind == "train":
+            progress = self.progress
+            progress.update(step=event["step"], total_steps=event["total_steps"], tokens=event["tokens"],
+                            loss=event["loss"], tokens_per_second=event.get("tokens_per_second"))
+            rate = event.get("tokens_per_second")
+            remaining = event["total_steps"] - event["step"]
+            progress["eta_seconds"] = (remaining * event["tokens"] / event["step"] / rate) if rate else None
+            add(self.job_id, "metrics", f"step {event['step']}/{event['total_steps']}: loss {event['loss']:.4f}",
+                {k: v for k, v in event.items() if k != "event"})
+        elif kind == "eval":
+            self.progress["valid_loss"] = event["valid_loss"]
+            add(self.job_id, "metrics", f"step {event['step']}: validation loss {event['valid_loss']:.4f}",
+                {k: v for k, v in event.items() if k != "event"})
+        elif kind == "checkpoint":
+            path = Path(event["path"]).resolve()
+            relative = str(path.relative_to(self.data_dir.resolve())) if path.is_relative_to(
+                self.data_dir.resolve()) else str(path)
+            self.store.add_checkpoint(self.job_id, event["step"], relative, {"loss": self.progress.get("loss")})
+            add(self.job_id, "checkpoint", f"checkpoint at step {event['step']}", {"step": event["step"]})
+        elif kind == "resume":
+            add(self.job_id, "resume", f"resumed from the checkpoint at step {event['step']}", {"step": event["step"]})
+        elif kind == "unfreeze":
+            add(self.job_id, "metrics", f"step {event['step']}: transferred weights unfrozen ({event['rule']})",
+                {"step": event["step"], "rule": event["rule"]})
+        elif kind == "published":
+            add(self.job_id, "stage", "model published", {"model": Path(event["path"]).name})
+        else:
+            return  # the loop's done/stopped: the pipeline reports the outcome
+        if kind in ("stage", "train", "eval"):
+            self.store.set_progress(self.job_id, self.owner, dict(self.progress))
+
+
+def build_pipeline(spec, settings: WorkerSettings, store: JobStore, model_name: str):
+    """The library's `PipelineSpec` for a job spec, its file references made paths."""
+    from xatl.pipeline import ConvertStage, EvaluateStage, PipelineSpec, TrainStage
+    from xatl.training import TrainConfig
+    from xatl.training.run import TrainingData
+
+    def local(reference: str, param: str) -> str:
+        return resolve_reference(reference, param, settings, store)
+
+    convert = base_model = None
+    datasets: list[str] = []
+    if isinstance(spec, ConversionJob):
+        convert = ConvertStage(donor=local(spec.donor, "donor"),
+                               tokenizer=local(spec.tokenizer, "tokenizer") if spec.tokenizer else None,
+                               mixer=spec.mixer, attention_layers=spec.attention_layers, transfer=spec.transfer,
+                               mixer_options=spec.mixer_options or None, seed=spec.seed)
+    else:
+        folder = settings.resolved_models_dir / spec.model
+        if not (folder / "config.json").is_file():
+            raise JobFailed(f"model {spec.model!r} is not served here", code="model_not_found", param="model")
+        base_model = str(folder)
+    train = None
+    if spec.training is not None:
+        t = spec.training
+        files = [local(f, "training.training_file") for f in t.files]
+        datasets = [_file_name(f, store) for f in t.files]
+        valid = [local(t.validation_file, "training.validation_file")] if t.validation_file else None
+        data = TrainingData(data=files, valid_data=valid, valid_fraction=t.valid_fraction, split_by=t.split_by,
+                            text_field=t.text_field, block_size=t.block_size)
+        try:
+            config = TrainConfig(**t.train_config())
+        except ValueError as error:
+            raise JobFailed(str(error), code="invalid_training", param="training") from None
+        train = TrainStage(config=config, data=data, freeze_initialised=t.freeze_initialised)
+    e = spec.evaluation
+    evaluate = EvaluateStage(
+        data=[local(e.validation_file, "evaluation.validation_file")] if e.validation_file else None,
+        max_batches=e.max_batches, lm_eval_tasks=e.lm_eval_tasks, lm_eval_limit=e.lm_eval_limit,
+        contexts=e.contexts, decode_tokens=e.decode_tokens)
+    device = "cpu" if spec.gpus == 0 else None
+    return PipelineSpec(convert=convert, base_model=base_model, train=train, evaluate=evaluate, name=model_name,
+                        device=device, datasets=datasets)
+
+
+def resolve_reference(reference: str, param: str, settings: WorkerSettings, store: JobStore) -> str:
+    """A spec's file reference as what `xatl` loads: a local path, or a hub id as it is."""
+    ref = classify(reference, param)
+    if ref.kind == "hub":
+        return ref.value
+    if ref.kind == "path":
+        return str(check_path(ref.value, settings.import_roots, param))
+    record = store.get_file(ref.value)
+    if record is None:
+        raise BadReference(f"{param}: no file {ref.value}", param=param, code="file_not_found", status=404)
+    return str(settings.data_dir / record["path"])
+
+
+def _file_name(reference: str, store: JobStore) -> str:
+    if reference.startswith("file-") and (record := store.get_file(reference)) is not None:
+        return record["filename"]
+    return Path(reference).name if reference.startswith("/") else reference
+
+
+def main(argv: list[str]) -> int:
+    job_id, owner = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    die_with_parent()  # under torchrun: go when the launcher goes
+    settings = WorkerSettings()
+    store = JobStore(settings.resolved_database_url)
+    job = store.get_job(job_id)
+    if job is None or job["lease_owner"] != owner:
+        logger.error("job %s is not leased to %s", job_id, owner)
+        return EXIT_LEASE_LOST
+    stop = _Stop(store, job_id, owner)
+    record = _Recorder(store, job_id, owner, settings.data_dir)
+    try:
+        from xatl.pipeline import run_pipeline
+
+        spec = TypeAdapter(JobSpec).validate_python(job["spec"])
+        pipeline = build_pipeline(spec, settings, store, job["model"])
+        result = run_pipeline(pipeline, settings.jobs_dir / job_id,
+                              publish_to=settings.resolved_models_dir / job["model"], job_id=job_id,
+                              on_event=record, should_stop=stop)
+    except Exception as error:  # every way a job can fail ends as a failed job with a message
+        return _fail(store, job_id, owner, error)
+    if result.stopped:
+        if stop.reason == "cancel":
+            store.add_event(job_id, "status", "cancelled; its checkpoints are kept")
+            store.finish(job_id, owner, "cancelled")
+            return 0
+        return EXIT_LEASE_LOST if stop.reason == "lease lost" else EXIT_SUSPENDED
+    if result.model_dir is None:  # a rank other than 0 under torchrun: rank 0 records the outcome
+        return 0
+    store.add_model(job["model"], job_id)
+    figures = {k: v for k, v in result.to_dict().items() if k not in ("stopped", "model_dir")}
+    outcome = {"model": job["model"], **figures}
+    store.add_event(job_id, "status", f"succeeded: model {job['model']} is served")
+    store.finish(job_id, owner, "succeeded", result=outcome)
+    return 0
+
+
+def _fail(store: JobStore, job_id: str, owner: str, error: Exception) -> int:
+    if isinstance(error, JobFailed | BadReference):
+        code, param = error.code, error.param
+    elif type(error).__name__ == "OutOfMemoryError":
+        code, param = "out_of_memory", None
+    elif isinstance(error, ValueError | FileNotFoundError | NotADirectoryError | KeyError):
+        code, param = "invalid_job", None  # the library's word on a spec it cannot run
+    else:
+        code, param = "internal_error", None
+    message = str(error) or type(error).__name__
+    logger.error("job %s failed:\n%s", job_id, traceback.format_exc())
+    store.add_event(job_id, "error", message, {"code": code, "param": param}, level="error")
+    store.finish(job_id, owner, "failed", error={"code": code, "message": message, "param": param})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
