@@ -160,30 +160,36 @@ class _MemberWriter:
 
 
 class CappedReader:
-    """A seekable binary file that refuses any single read over `max_read` bytes and any position
-    past `max_position`: the archive libraries read headers whole, so a hostile size is refused
-    here instead of allocated."""
+    """A seekable binary file that raises `big_read` for any single read over `max_read` bytes and
+    `past_end` (when given) for a position past `max_position`: the archive libraries read headers
+    whole, so a hostile size is refused here instead of allocated."""
 
-    def __init__(self, raw, *, max_read: int, max_position: int, refusal: FileRejected):
-        self.raw, self.max_read, self.max_position, self.refusal = raw, max_read, max_position, refusal
+    def __init__(self, raw, *, max_read: int, big_read: FileRejected, max_position: int = 0,
+                 past_end: FileRejected | None = None):
+        self.raw, self.max_read, self.big_read = raw, max_read, big_read
+        self.max_position, self.past_end = max_position, past_end
+        self.last_read = b""
 
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:  # "the rest": allowed while the rest is small
             data = self.raw.read(self.max_read + 1)
             if len(data) > self.max_read:
-                raise self.refusal
+                raise self.big_read
         elif n > self.max_read:
-            raise self.refusal
+            raise self.big_read
         else:
             data = self.raw.read(n)
-        if self.raw.tell() > self.max_position:
-            raise self.refusal
+        self._check_position(self.raw.tell())
+        self.last_read = data
         return data
+
+    def _check_position(self, position: int) -> None:
+        if self.past_end is not None and position > self.max_position:
+            raise self.past_end
 
     def seek(self, offset: int, whence: int = 0) -> int:
         position = self.raw.seek(offset, whence)
-        if position > self.max_position:
-            raise self.refusal
+        self._check_position(position)
         return position
 
     def tell(self) -> int:
@@ -198,16 +204,15 @@ def _unpack_tar(path: Path, writer: _MemberWriter, limits: Limits) -> None:
         compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
-        too_large = FileRejected(
-            f"{path.name} unpacks to more than {readable_size(limits.max_unpacked_bytes)}, the limit, "
-            "or holds a tar header over 1 MiB",
-            code="archive_too_large",
-        )
         reader = CappedReader(
             stream,
             max_read=CHUNK_BYTES,
+            big_read=FileRejected(f"{path.name} holds a tar header over {readable_size(CHUNK_BYTES)} (a pax record "
+                                  "or long name): not an archive of a model folder", code="invalid_archive"),
+            # members' data, plus what tar adds around it: an archive that goes on past this is a bomb
             max_position=limits.max_unpacked_bytes + TAR_OVERHEAD_PER_MEMBER * (limits.max_members + 2),
-            refusal=too_large,
+            past_end=FileRejected(f"{path.name} unpacks to more than {readable_size(limits.max_unpacked_bytes)}, "
+                                  "the limit", code="archive_too_large"),
         )
         try:
             # "r:" (not the streaming "r|"): tarfile then reads headers from `reader` directly
@@ -220,6 +225,10 @@ def _unpack_tar(path: Path, writer: _MemberWriter, limits: Limits) -> None:
                         writer.file(member.name, archive.extractfile(member))
                     else:
                         raise writer.refuse(member.name, f"is {_tar_kind(member)}; {ONLY_FILES_AND_FOLDERS}")
+            # tarfile ends quietly at a cut or garbled header; only a zero block is a real end
+            if reader.last_read != bytes(tarfile.BLOCKSIZE):
+                raise FileRejected(f"{path.name} is cut short or corrupt after byte {archive.offset}",
+                                   code="invalid_archive")
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
             raise FileRejected(f"{path.name} is not a readable tar archive: {error}", code="invalid_archive") from None
 
@@ -238,29 +247,26 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 def _unpack_zip(path: Path, writer: _MemberWriter, limits: Limits) -> None:
     with open(path, "rb") as raw:
-        too_many = FileRejected(
-            f"{path.name} holds more than {limits.max_members} entries, the limit (its central directory is too large)",
-            code="too_many_members",
-        )
-        reader = CappedReader(
-            raw,
-            max_read=max(CHUNK_BYTES, ZIP_DIRECTORY_BYTES_PER_MEMBER * limits.max_members),
-            max_position=1 << 62,
-            refusal=too_many,
-        )
+        too_many = f"{path.name} holds more than {limits.max_members} entries, the limit"
+        # zipfile reads the central directory whole: cap it at what max_members entries need
+        directory_cap = max(CHUNK_BYTES, ZIP_DIRECTORY_BYTES_PER_MEMBER * limits.max_members)
+        big_directory = FileRejected(f"{too_many} (its central directory is over {readable_size(directory_cap)})",
+                                     code="too_many_members")
+        reader = CappedReader(raw, max_read=directory_cap, big_read=big_directory)
         try:
             with zipfile.ZipFile(reader) as archive:
                 members = archive.infolist()
                 if len(members) > limits.max_members:
-                    raise too_many
+                    raise FileRejected(too_many, code="too_many_members")
                 for info in members:
                     writer.count()
-                    mode = info.external_attr >> 16  # Unix mode bits, when the zip was made on Unix
+                    # the Unix file type, where the zip was made on Unix (Python's own writer leaves it 0)
+                    file_type = stat.S_IFMT(info.external_attr >> 16)
                     if info.is_dir():
                         writer.directory(info.filename)
                         continue
-                    if mode and not stat.S_ISREG(mode):
-                        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+                    if file_type and file_type != stat.S_IFREG:
+                        kind = "a symbolic link" if file_type == stat.S_IFLNK else "a special file"
                         raise writer.refuse(info.filename, f"is {kind}; {ONLY_FILES_AND_FOLDERS}")
                     if info.flag_bits & 0x1:
                         raise FileRejected(f"{path.name}: member {info.filename!r} is encrypted",

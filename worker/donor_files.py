@@ -176,7 +176,7 @@ def pickle_problem(path: Path) -> str | None:
         )
         try:
             with open(path, "rb") as raw, zipfile.ZipFile(
-                CappedReader(raw, max_read=MAX_ZIP_DIRECTORY, max_position=1 << 62, refusal=too_large)
+                CappedReader(raw, max_read=MAX_ZIP_DIRECTORY, big_read=too_large)
             ) as archive:
                 names = archive.namelist()  # the directory only: nothing is decompressed
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError):

@@ -19,6 +19,13 @@ class FileRejected(ValueError):
         self.code = code
         self.param = param
 
+    def __reduce__(self):  # keyword-only fields: the default (type, args) would lose them
+        return _rebuild_rejection, (self.message, self.code, self.param)
+
+
+def _rebuild_rejection(message: str, code: str, param: str) -> FileRejected:
+    return FileRejected(message, code=code, param=param)
+
 
 @dataclass(frozen=True)
 class Limits:

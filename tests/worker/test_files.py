@@ -25,6 +25,7 @@ from file_builders import (
     tar_member,
 )
 
+import worker.archives as archives
 import worker.files as files
 from worker.files import FileRejected, Limits, check_safetensors, safe_filename, store_upload, unpack_archive
 
@@ -90,7 +91,7 @@ def test_text_is_checked_across_read_boundaries(dest, monkeypatch):
     (dest / "a.txt").unlink()
     error = refused(dest, "ab終".encode() + b"\xff rest", "b.txt", "train")
     assert error.code == "not_utf8" and "byte offset 5" in error.message and "b.txt" in error.message
-    error = refused(dest, "abc".encode() + "終".encode()[:2], "c.txt", "train")  # ends inside a character
+    error = refused(dest, b"abc" + "終".encode()[:2], "c.txt", "train")  # ends inside a character
     assert error.code == "not_utf8" and "byte offset 3" in error.message
 
 
@@ -135,6 +136,11 @@ def test_an_upload_over_the_limit_stops_being_read(dest):
     assert caught.value.code == "file_too_large" and "1 MiB" in caught.value.message
     assert stream.given <= SMALL.max_bytes + files.CHUNK_BYTES
     assert list(dest.iterdir()) == []
+
+
+def test_a_refusal_survives_pickling():  # as a Celery task's exception does
+    copy = pickle.loads(pickle.dumps(FileRejected("bad", code="invalid_purpose", param="purpose")))
+    assert (str(copy), copy.code, copy.param) == ("bad", "invalid_purpose", "purpose")
 
 
 def test_dest_must_be_an_empty_folder(dest):
@@ -190,7 +196,8 @@ def test_the_checkpoint_check_agrees_with_the_loader(tmp_path, header, size_chan
 
 
 @pytest.mark.parametrize("content", [
-    llama2c_tokenizer_bytes(), llama2c_tokenizer_bytes(extra_pieces=()), llama2c_tokenizer_bytes(extra_pieces=("a", "a")),
+    llama2c_tokenizer_bytes(), llama2c_tokenizer_bytes(extra_pieces=()),
+    llama2c_tokenizer_bytes(extra_pieces=("a", "a")),
     llama2c_tokenizer_bytes()[:-1], llama2c_tokenizer_bytes().replace(b"<0x41>", b"<0x4X>"),
     llama2c_tokenizer_bytes(extra_pieces=("a", "zz")).replace(b"zz", b"\xff\xfe"),
 ])
@@ -221,7 +228,8 @@ def test_the_real_stories260k_files(dest, data_file):
 
 def test_gguf(dest):
     header = b"GGUF" + struct.pack("<IQQ", 3, 2, 5)
-    assert store(dest, header + bytes(32), "m.gguf").details == {"version": 3, "tensor_count": 2, "metadata_kv_count": 5}
+    details = store(dest, header + bytes(32), "m.gguf").details
+    assert details == {"version": 3, "tensor_count": 2, "metadata_kv_count": 5}
     (dest / "m.gguf").unlink()
     assert refused(dest, b"GGUF" + struct.pack("<I", 7) + bytes(16), "m.gguf").code == "invalid_gguf"
     assert refused(dest, b"GGML" + bytes(20), "m.gguf").code == "invalid_gguf"
@@ -336,7 +344,8 @@ def test_an_archive_bomb_stops_at_the_unpack_limit(dest, tmp_path, archive):
 def test_a_tar_header_of_megabytes_is_not_read(dest, tmp_path):
     upload = make_tar(tmp_path / "m.tar.gz", model_folder_files(),
                       special=[tar_member("x", size=1, pax={"comment": "x" * (2 << 20)})])
-    assert refused(dest, upload.read_bytes(), "m.tar.gz", limits=SMALL).code == "archive_too_large"
+    error = refused(dest, upload.read_bytes(), "m.tar.gz", limits=SMALL)
+    assert error.code == "invalid_archive" and "header over 1 MiB" in error.message
 
 
 @pytest.mark.parametrize("archive", ["many.zip", "many.tar"])
@@ -347,11 +356,22 @@ def test_too_many_members(dest, tmp_path, archive):
     assert error.code == "too_many_members" and "8 entries" in error.message
 
 
+def test_a_zip_directory_too_large_for_its_entries_is_not_read(dest, tmp_path, monkeypatch):
+    monkeypatch.setattr(archives, "CHUNK_BYTES", 1024)  # the directory cap: 8 entries' worth, 8 KiB
+    upload = make_zip(tmp_path / "m.zip", {f"{i:04}.txt": b"" for i in range(300)})
+    error = refused(dest, upload.read_bytes(), "m.zip", limits=SMALL)
+    assert error.code == "too_many_members" and "central directory is over 8 KiB" in error.message
+
+
 def test_broken_archives(dest, tmp_path):
     assert refused(dest, b"PK\x03\x04 not really a zip", "m.zip").code == "invalid_archive"
     assert refused(dest, b"\x1f\x8b not really gzip", "m.tgz").code == "invalid_archive"
     upload = make_zip(tmp_path / "m.zip", model_folder_files())
     assert refused(dest, upload.read_bytes()[:-30], "m.zip").code == "invalid_archive"  # cut
+    upload = make_tar(tmp_path / "m.tar", model_folder_files())
+    for cut in (upload.read_bytes()[:1500], upload.read_bytes()[:1024] + b"garbage" * 100):
+        error = refused(dest, cut, "m.tar")
+        assert error.code == "invalid_archive" and "cut short or corrupt after byte 1024" in error.message
     twice = make_tar(tmp_path / "twice.tar", model_folder_files(), special=[tar_member("config.json", size=2)])
     error = refused(dest, twice.read_bytes(), "twice.tar")
     assert error.code == "invalid_archive" and "clashes" in error.message
