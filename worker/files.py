@@ -33,7 +33,7 @@ from worker.file_policy import CHUNK_BYTES, DEFAULT_LIMITS, FileRejected, Limits
 
 __all__ = [
     "PURPOSES", "REFUSAL_CODES", "FileRejected", "Limits", "StoredFile", "store_upload", "safe_filename",
-    "check_text", "check_jsonl", "check_llama2c_checkpoint", "check_llama2c_tokenizer", "check_gguf",
+    "check_text", "check_jsonl", "check_llama2c", "check_llama2c_checkpoint", "check_llama2c_tokenizer", "check_gguf",
     "check_safetensors", "check_hf_folder", "unpack_archive",
 ]
 
