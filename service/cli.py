@@ -45,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
+    # the key is printed when it is made; after that, where it is (keys do not belong in logs)
     if settings.api_keys:
-        key, where = settings.api_keys[0], f"{len(settings.api_keys)} from XATL_API_KEYS"
+        key, shown = settings.api_keys[0], f"{len(settings.api_keys)} from XATL_API_KEYS"
     elif (key := read_stored_key(settings.data_dir)) is not None:
-        where = f"stored in {settings.data_dir / KEY_FILE}"
+        shown = f"the one stored in {settings.data_dir / KEY_FILE}"
     else:
-        key, where = create_stored_key(settings.data_dir), f"new, stored in {settings.data_dir / KEY_FILE}"
+        key = create_stored_key(settings.data_dir)
+        shown = f"{key}  (new, stored in {settings.data_dir / KEY_FILE})"
 
     migrate(settings.resolved_database_url)
     children = []
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                                          gpus=args.worker_gpus))
         base = f"http://{settings.host}:{settings.port}"
         print(f"xatl service at {base}  (API docs: {base}/docs)")
-        print(f"API key ({where}): {key}")
+        print(f"API key: {shown}")
         print(f"models: {settings.resolved_models_dir.resolve()}")
         print(f"Redis: {settings.redis_url}" + ("  (embedded, under the data directory)" if children and
                                                  children[0].name == "redis" else ""))

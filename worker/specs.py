@@ -160,7 +160,7 @@ def default_model_name(spec: ConversionJob | FineTuneJob, job_id: str, donor_nam
     short = job_id.split("-")[-1][:8]
     if isinstance(spec, ConversionJob):
         base = re.sub(r"[^A-Za-z0-9._-]", "-", (donor_name or "model").split("/")[-1])
-        base = re.sub(r"\.(bin|gguf|tar|zip|tgz|gz)$", "", base) or "model"
+        base = re.sub(r"(\.tar)?\.(bin|gguf|tar|zip|tgz|gz|safetensors)$", "", base) or "model"
         parts = [base, spec.mixer]
     else:
         parts = [spec.model, "ft"]

@@ -107,8 +107,11 @@ def _watch(child: subprocess.Popen, job_id: str, owner: str, settings: WorkerSet
         except Exception:  # the database is briefly unreachable: keep training, the lease has slack
             logger.exception("could not renew the lease of %s", job_id)
             continue
-        if not alive:  # another worker holds the job now: this copy must not write another step
-            child.kill()
+        if not alive:
+            if store.get_job(job_id)["status"] in TERMINAL:  # the child finished the job and is exiting
+                child.wait()
+                break
+            child.kill()  # another worker holds the job now: this copy must not write another step
             child.wait()
             return "lease lost"
         if SHUTTING_DOWN.is_set() and not suspending:

@@ -14,11 +14,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
-from worker.files import PURPOSES, FileRejected, Limits, store_upload
 
 from service.deps import SettingsDep, StoreDep
 from service.errors import APIError
 from service.schemas.jobs import Deleted, FileList, FileObject
+from worker.files import PURPOSES, FileRejected, Limits, safe_filename, store_upload
 from worker.store import new_id
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -44,8 +44,8 @@ async def upload_file(request: Request, file: UploadFile, purpose: Annotated[str
         shutil.rmtree(folder, ignore_errors=True)
         raise
     record = await run_in_threadpool(lambda: store.add_file(
-        file_id=file_id, filename=stored.path.name, purpose=purpose, bytes=stored.bytes, kind=stored.kind,
-        path=str(stored.path.relative_to(settings.data_dir)), details=stored.details))
+        file_id=file_id, filename=safe_filename(file.filename or "upload"), purpose=purpose, bytes=stored.bytes,
+        kind=stored.kind, path=str(stored.path.relative_to(settings.data_dir)), details=stored.details))
     return FileObject.from_record(record)
 
 
