@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make run` (set up, convert the sample donor, serve it)
+# Two commands on a fresh machine:  `make run` (set up, start the service, run the sample job)
 # and `make test` (set up, lint, run the test suite). Both create .venv on first use.
 PYTHON ?= python3
 VENV   := .venv
@@ -26,22 +26,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Serves two models: the donor rebuilt as-is (attention) and its linear-cost conversion (gated linear
-# attention, Q/K/V transferred), trained briefly on TinyStories so that it writes.
-SAMPLE := data/sample
-GLA    := data/models/stories260K-gla
+# The whole service on this machine (API, its own Redis, a local worker; files under data/), and the
+# sample job: stories260K uploaded over REST, converted to gated linear attention, trained briefly
+# (SAMPLE_TOKENS), evaluated beside the donor and served. Ctrl-C stops everything.
+SAMPLE_TOKENS ?= 1600000
 run: $(STAMP)
-	$(BIN)/xatl sample $(if $(DATA),--data-dir $(DATA)) --link $(SAMPLE)
-	test -d data/models/stories260K || $(BIN)/xatl convert $(SAMPLE)/stories260K.bin \
-		--tokenizer $(SAMPLE)/tok512.bin --mixer attention --out data/models/stories260K
-	test -d $(GLA) || ( rm -rf data/runs/stories260K-gla* \
-		&& $(BIN)/xatl convert $(SAMPLE)/stories260K.bin --tokenizer $(SAMPLE)/tok512.bin \
-			--mixer gla --transfer xatl+qkv --out data/runs/stories260K-gla-init \
-		&& $(BIN)/xatl train data/runs/stories260K-gla-init --data $(SAMPLE)/tinystories_val.txt \
-			--split-by block --valid-fraction 0.05 --tokens 1.6M --block-size 256 --batch-size 16 \
-			--lr 3e-3 --warmup-steps 30 --out data/runs/stories260K-gla \
-		&& mv data/runs/stories260K-gla $(GLA) )
-	$(BIN)/xatl serve
+	$(BIN)/xatl sample $(if $(DATA),--data-dir $(DATA)) --link data/sample
+	$(BIN)/xatl serve --sample-job data/sample --sample-tokens $(SAMPLE_TOKENS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

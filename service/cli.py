@@ -26,10 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
     parser.add_argument("--sample-job", metavar="DIR", help="submit the sample conversion from the files in DIR "
                         "(as `xatl sample --link DIR` leaves them) once the API is up, unless its model exists")
+    parser.add_argument("--sample-tokens", type=int, default=None,
+                        help="the sample job's training budget in tokens (default 1.6M, about two minutes)")
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     import uvicorn
 
@@ -40,9 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from worker.store import migrate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("alembic", "httpx"):  # a line per migration plugin and per request of the sample job
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
              "import_roots": args.import_root}
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
+    if "XATL_DEFAULT_QUEUE" not in os.environ and not args.no_worker and not _gpus_visible(args.worker_gpus):
+        settings = settings.model_copy(update={"default_queue": "cpu"})  # this machine's worker has no GPU
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
     # the key is printed when it is made; after that, where it is (keys do not belong in logs)
@@ -76,9 +83,17 @@ def run(args: argparse.Namespace) -> int:
         if args.sample_job:
             from service.sample_job import submit_when_ready
 
-            submit_when_ready(base, key, args.sample_job, settings.resolved_models_dir)
+            submit_when_ready(base, key, args.sample_job, settings.resolved_models_dir, tokens=args.sample_tokens)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         for child in reversed(children):  # the worker first: its jobs checkpoint and go back to the queue
             child.stop(timeout=60 if child.name == "worker" else 10)
     return 0
+
+
+def _gpus_visible(requested: int | None) -> bool:
+    if requested is not None:
+        return requested > 0
+    from worker.cli import visible_gpus
+
+    return visible_gpus() > 0

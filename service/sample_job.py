@@ -24,7 +24,8 @@ SAMPLE_MODELS = ("stories260K", "stories260K-gla")
 
 def sample_specs(donor: str, tokenizer: str, text: str, *, tokens: int = SAMPLE_TOKENS) -> list[dict]:
     rebuilt = {"type": "conversion", "donor": donor, "tokenizer": tokenizer, "mixer": "attention",
-               "transfer": "xatl", "name": "stories260K", "evaluation": {"contexts": [128, 512], "max_batches": 20}}
+               "transfer": "xatl", "name": "stories260K",
+               "evaluation": {"validation_file": text, "contexts": [128, 512], "max_batches": 20}}
     linear = {
         "type": "conversion", "donor": donor, "tokenizer": tokenizer, "mixer": "gla", "transfer": "xatl+qkv",
         "name": "stories260K-gla",
@@ -78,7 +79,8 @@ def _every(event: dict, steps: int) -> bool:
     return isinstance(step, int) and step % steps == 0
 
 
-def submit_when_ready(base_url: str, api_key: str, folder: str, models_dir: Path) -> threading.Thread:
+def submit_when_ready(base_url: str, api_key: str, folder: str, models_dir: Path,
+                      tokens: int | None = None) -> threading.Thread:
     """Run the sample in a background thread once the API answers (the server starts after this call)."""
 
     def wait_then_run():
@@ -90,7 +92,8 @@ def submit_when_ready(base_url: str, api_key: str, folder: str, models_dir: Path
             except httpx.HTTPError:
                 time.sleep(0.2)
         try:
-            run_sample(base_url, api_key, folder, models_dir, say=lambda line: print(line, flush=True))
+            run_sample(base_url, api_key, folder, models_dir, tokens=tokens or SAMPLE_TOKENS,
+                       say=lambda line: print(line, flush=True))
         except (APIFailure, httpx.HTTPError, OSError) as error:
             logger.error("the sample job could not run: %s", error)
 

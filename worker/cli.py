@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings()
     if not settings.redis_url:
         raise ValueError("set XATL_REDIS_URL to the Redis the service uses (xatl serve prints it)")
-    gpus = args.gpus if args.gpus is not None else _visible_gpus()
+    gpus = args.gpus if args.gpus is not None else visible_gpus()
     queues = args.queues or ("gpu" if gpus else "gpu,cpu")
     concurrency = args.concurrency or max(1, gpus)
     start_worker(settings, queues=queues.split(","), gpus=gpus, concurrency=concurrency,
@@ -67,7 +67,7 @@ def start_worker(settings, *, queues: list[str], gpus: int, concurrency: int, na
                      "--prefetch-multiplier", "1"])
 
 
-def _visible_gpus() -> int:
+def visible_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip()])
