@@ -93,7 +93,7 @@ def start_redis(folder: Path, *, timeout: float = 20.0) -> tuple[ChildProcess, s
 
 
 def start_worker(env: dict[str, str], *, log: Path, queues: str = "gpu,cpu", gpus: int | None = None) -> ChildProcess:
-    command = [sys.executable, "-m", "xatl.cli", "worker", "--queues", queues]
+    command = [sys.executable, "-m", "worker.cli", "--queues", queues]  # `xatl worker` without the library
     if gpus is not None:
         command += ["--gpus", str(gpus)]
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -24,3 +24,5 @@ def write_corpus(path: Path, count: int = 80, seed: int = 0) -> Path:
     """`count` documents as JSON lines."""
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(count, seed)))
     return path
+
+JOBS_API_KEY = "jobs-test-key"  # the key of the job tests' deployments

@@ -78,3 +78,17 @@ def visible_gpus() -> int:
         return len([line for line in listed.stdout.splitlines() if line.startswith("GPU ")])
     except (OSError, subprocess.SubprocessError):
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.cli`: the same as `xatl worker`, without importing the library (and torch)
+    into the worker's own process — only the job's child process needs them."""
+    parser = argparse.ArgumentParser(prog="python -m worker.cli", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

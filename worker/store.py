@@ -50,7 +50,8 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     spec: Mapped[dict] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(40))
-    model: Mapped[str] = mapped_column(String(100))  # the resulting model's name
+    model: Mapped[str] = mapped_column(String(100), index=True)  # the resulting model's name
+    base_model: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)  # a fine-tune's
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -141,18 +142,26 @@ class JobStore:
         self.engine.dispose()
 
     # -- jobs ---------------------------------------------------------------------------------------------
-    def create_job(self, *, type: str, spec: dict, queue: str, model: str, job_id: str | None = None,
-                   idempotency_key: str | None = None) -> tuple[dict, bool]:
-        """(the job, True), or (the job made earlier with the same idempotency key, False)."""
+    def create_job(self, *, type: str, spec: dict, queue: str, model: str, base_model: str | None = None,
+                   job_id: str | None = None, idempotency_key: str | None = None,
+                   event: str | None = None) -> tuple[dict, bool]:
+        """(the job, True), or (the job made earlier with the same idempotency key, False). The job is
+        recorded as dispatched now — the caller sends it next; if that fails, the sweep sends it later —
+        with `event` as its first event, in one transaction."""
         from sqlalchemy.exc import IntegrityError
 
         if idempotency_key is not None and (earlier := self.job_by_key(idempotency_key)) is not None:
             return earlier, False
+        now = time.time()
         row = JobRow(id=job_id or new_id("job"), type=type, status="queued", spec=spec, queue=queue, model=model,
-                     idempotency_key=idempotency_key, created_at=time.time(), cancel_requested=False, attempts=0)
+                     base_model=base_model, idempotency_key=idempotency_key, created_at=now, cancel_requested=False,
+                     attempts=0, dispatched_at=now)
         try:
             with self.session() as session:
                 session.add(row)
+                if event:
+                    session.flush()  # the job's row first: the event refers to it
+                    session.add(EventRow(job_id=row.id, created_at=now, level="info", type="status", message=event))
         except IntegrityError:  # a concurrent create with the same key won
             if idempotency_key is not None and (earlier := self.job_by_key(idempotency_key)) is not None:
                 return earlier, False
@@ -195,7 +204,10 @@ class JobStore:
 
     def model_in_use(self, name: str) -> dict | None:
         """An unfinished job that will publish `name` or train from it."""
-        return next((job for job in self.active_jobs() if name in (job["model"], job["spec"].get("model"))), None)
+        with self.session() as session:
+            row = session.scalar(select(JobRow).where(JobRow.status.in_(ACTIVE),
+                                                      (JobRow.model == name) | (JobRow.base_model == name)).limit(1))
+            return _plain(row) if row else None
 
     def request_cancel(self, job_id: str) -> dict | None:
         """A queued job nobody holds is cancelled at once; a running one becomes `cancelling` and its

@@ -74,13 +74,10 @@ async def create_job(request: Request, store: StoreDep, settings: SettingsDep,
                                code="idempotency_key_reused")
             return Job.from_record(earlier)
     job_id = new_id("job")
-    name = await run_in_threadpool(_check, spec, job_id, store, settings)
     queue = queue_for(spec.gpus, settings.default_queue)
-    record, created = await run_in_threadpool(
-        lambda: store.create_job(job_id=job_id, type=spec.type, spec=canonical, queue=queue, model=name,
-                                 idempotency_key=idempotency_key))
+    record, created = await run_in_threadpool(_create, spec, canonical, job_id, queue, idempotency_key, store,
+                                              settings)
     if created:
-        await run_in_threadpool(store.add_event, job_id, "status", f"queued on {queue}")
         await run_in_threadpool(_dispatch, request, job_id, queue)
     return Job.from_record(record)
 
@@ -163,6 +160,14 @@ async def _job(store, job_id: str) -> dict:
     return record
 
 
+def _create(spec, canonical: dict, job_id: str, queue: str, idempotency_key: str | None, store, settings):
+    """Check, then store the job with its first event: one trip to a worker thread, two to the database."""
+    name = _check(spec, job_id, store, settings)
+    base = spec.model if isinstance(spec, FineTuneJob) else None
+    return store.create_job(job_id=job_id, type=spec.type, spec=canonical, queue=queue, model=name, base_model=base,
+                            idempotency_key=idempotency_key, event=f"queued on {queue}")
+
+
 def _check(spec: ConversionJob | FineTuneJob, job_id: str, store, settings) -> str:
     """Refuse now what a worker would refuse later; return the name the job will publish."""
     for field, reference in _references(spec):
@@ -212,13 +217,10 @@ def _references(spec) -> list[tuple[str, str]]:
 
 
 def _dispatch(request: Request, job_id: str, queue: str) -> None:
-    store = request.app.state.store
     try:
         request.app.state.dispatch(job_id, queue)
     except Exception:  # the queue is unreachable: the job is stored, and a worker's sweep sends it later
         logger.exception("could not send job %s to the queue %s; it stays queued", job_id, queue)
-        return
-    store.mark_dispatched(job_id)
 
 
 def _event_cursor(after: str | None) -> int | None:

@@ -18,19 +18,18 @@ from pathlib import Path
 import httpx
 import pytest
 from http_server import ServerThread
-from job_fixtures import write_corpus, write_donor
+from job_fixtures import JOBS_API_KEY, write_corpus, write_donor
 
 from service.config import Settings
 from worker.store import JobStore, migrate
 
-API_KEY = "jobs-test-key"
-XATL = Path(sys.executable).with_name("xatl")
+API_KEY = JOBS_API_KEY
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     given = os.environ.get("XATL_TEST_REDIS_URL")
-    if given:
+    if given:  # then each test flushes its database: give the tests one of their own (e.g. /15)
         yield given
         return
     from service.embedded import start_redis
@@ -53,7 +52,7 @@ def clean_redis(redis_url):
 @pytest.fixture(scope="session")
 def postgres_server():
     """A SQLAlchemy URL of the server's maintenance database, or a skip."""
-    url = os.environ.get("XATL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    url = os.environ.get("XATL_TEST_POSTGRES_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     from sqlalchemy import create_engine, text
 
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
@@ -133,7 +132,7 @@ class Deployment:
     def start_worker(self, name: str) -> subprocess.Popen:
         env = {**os.environ, **self.settings.environment(), "OMP_NUM_THREADS": "1"}
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
-        worker = subprocess.Popen([str(XATL), "worker", "--gpus", "0", "--name", f"{name}@test",
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "--gpus", "0", "--name", f"{name}@test",
                                    "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         self.workers.append(worker)

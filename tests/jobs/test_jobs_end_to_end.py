@@ -9,7 +9,7 @@ import time
 
 import openai
 import pytest
-from conftest import API_KEY
+from job_fixtures import JOBS_API_KEY as API_KEY
 
 
 def conversion_spec(donor_id, corpus_id, *, steps=12, save_every=4, **extra):

@@ -81,7 +81,7 @@ def test_serve_starts_redis_and_a_worker_and_ctrl_c_stops_every_child(tmp_path):
     children = serve.descendants()
     commands = [" ".join(p.cmdline()) for p in children]
     assert any("redis-server" in c for c in commands), commands
-    assert any("xatl.cli worker" in c for c in commands), commands
+    assert any("worker.cli" in c for c in commands), commands
     redis_port = int((data / "redis" / "redis.conf").read_text().split("port ")[1].split()[0])
     auth = {"Authorization": f"Bearer {key}"}
     assert httpx.get(serve.url + "/v1/jobs", headers=auth).json()["data"] == []

@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("spec", sa.JSON(), nullable=False),
         sa.Column("queue", sa.String(40), nullable=False),
         sa.Column("model", sa.String(100), nullable=False),
+        sa.Column("base_model", sa.String(100), nullable=True),
         sa.Column("idempotency_key", sa.String(200), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("started_at", sa.Float(), nullable=True),
@@ -40,6 +41,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_jobs_id", "jobs", ["id"], unique=True)
     op.create_index("ix_jobs_status", "jobs", ["status"])
+    op.create_index("ix_jobs_model", "jobs", ["model"])
+    op.create_index("ix_jobs_base_model", "jobs", ["base_model"])
     op.create_table(
         "job_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
