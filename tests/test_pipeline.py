@@ -115,3 +115,36 @@ def test_a_pipeline_needs_exactly_one_starting_point(donor):
         PipelineSpec()
     with pytest.raises(ValueError, match="exactly one"):
         PipelineSpec(convert=ConvertStage(donor=str(donor)), base_model="x")
+
+
+def test_under_torchrun_one_process_converts_and_publishes_and_both_train(tmp_path, donor, corpus):
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(f"""
+import json, torch
+from xatl.pipeline import ConvertStage, EvaluateStage, PipelineSpec, TrainStage, run_pipeline
+from xatl.training import TrainConfig
+from xatl.training.run import TrainingData
+torch.set_num_threads(1)
+spec = PipelineSpec(convert=ConvertStage(donor={str(donor)!r}, mixer="retention"),
+    train=TrainStage(config=TrainConfig(max_steps=3, batch_size=2, lr=1e-2),
+                     data=TrainingData([{str(corpus)!r}], valid_fraction=0.2, block_size=16)),
+    evaluate=EvaluateStage(contexts=(8,), decode_tokens=3))
+events = []
+result = run_pipeline(spec, {str(tmp_path / "work")!r}, publish_to={str(tmp_path / "models" / "ddp")!r},
+                      on_event=events.append)
+print(json.dumps({{"model_dir": result.model_dir, "stages": [e["stage"] for e in events if e["event"] == "stage"]}}))
+""")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(script)], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    reports = [json.loads(line) for line in launched.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["model_dir"] is None for r in reports) == [False, True]  # rank 0 published, rank 1 did not
+    rank0 = next(r for r in reports if r["model_dir"])
+    assert rank0["stages"].count("convert") == 2 and "publish" in rank0["stages"]
+    assert (tmp_path / "models" / "ddp" / "config.json").is_file()
+    rank1 = next(r for r in reports if r["model_dir"] is None)
+    assert rank1["stages"] == []  # only rank 0 reports

@@ -126,7 +126,8 @@ def run_pipeline(
     """Run `spec` in `work_dir` (created if needed) and publish the model to `publish_to`.
 
     `blocks`/`valid_blocks` replace the training text for callers that tokenise it themselves.
-    Under torchrun, rank 0 converts, evaluates and publishes while every rank trains.
+    Under torchrun, rank 0 converts, evaluates and publishes while every rank trains; the process
+    group ends after training.
     """
     work_dir = Path(work_dir)
     rank, world = start_distributed()
@@ -137,7 +138,7 @@ def run_pipeline(
         # 1. The starting model
         start_dir = stages.convert() if spec.convert is not None else Path(spec.base_model)
         transfer = _transfer_summary(start_dir)
-        if stop():
+        if _agree(stop(), world):  # every process stops, or none (the others would wait in training)
             return PipelineResult(True, None, transfer)
 
         # 2. Training
@@ -147,6 +148,7 @@ def run_pipeline(
             if train_result.get("stopped"):
                 return PipelineResult(True, None, transfer, train_result)
             final_dir = work_dir / "train"
+        end_distributed()  # what follows is rank 0's alone (evaluation would otherwise wait for the others)
         if rank != 0:
             return PipelineResult(False, None, transfer, train_result)
 
@@ -185,20 +187,20 @@ class _Stages:
         from xatl.convert import convert
 
         out = self.work_dir / "converted"
-        if (out / "config.json").is_file():
-            self._stage("convert", "skipped", reason="converted in an earlier attempt")
-            return out
-        if self.rank == 0:
-            self._stage("convert", "started")
-            stage = self.spec.convert
-            partial = self.work_dir / "converted.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            conversion = convert(stage.donor, tokenizer=stage.tokenizer, mixer=stage.mixer,
-                                 attention_layers=list(stage.attention_layers), transfer=stage.transfer,
-                                 mixer_options={stage.mixer: stage.mixer_options} if stage.mixer_options else None,
-                                 seed=stage.seed, out=partial)
-            partial.rename(out)
-            self._stage("convert", "done", **conversion.report.summary())
+        if self.rank == 0:  # the others wait at the barrier: one process converts, every one then reads it
+            if (out / "config.json").is_file():
+                self._stage("convert", "skipped", reason="converted in an earlier attempt")
+            else:
+                self._stage("convert", "started")
+                stage = self.spec.convert
+                partial = self.work_dir / "converted.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                options = {stage.mixer: stage.mixer_options} if stage.mixer_options else None
+                conversion = convert(stage.donor, tokenizer=stage.tokenizer, mixer=stage.mixer,
+                                     attention_layers=list(stage.attention_layers), transfer=stage.transfer,
+                                     mixer_options=options, seed=stage.seed, out=partial)
+                partial.rename(out)
+                self._stage("convert", "done", **conversion.report.summary())
         _barrier(self.world)
         return out
 
@@ -390,6 +392,15 @@ def _transfer_summary(model_dir: Path) -> dict | None:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """True on every process when any says so."""
+    if world == 1:
+        return bool(flag)
+    value = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 __all__ = ["ConvertStage", "EvaluateStage", "JOB_MARKER", "PipelineResult", "PipelineSpec", "TrainStage",
