@@ -264,6 +264,21 @@ def test_defaults_follow_the_attention_shape_and_init_is_mamba2s():
     assert torch.equal(mixer.conv1d.bias, torch.zeros(mixer.conv_dim))
 
 
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+def test_a_small_gate_keeps_the_output_small_only_with_the_norm_first(norm_before_gate):
+    """Why the norm comes first (module docstring): shrinking the gate's rows of in_proj 20-fold
+    shrinks the output with them; with the gate first, the norm divides that scale out (down to
+    its epsilon, made negligible here)."""
+    mixer = make_mixer(norm_before_gate=norm_before_gate, norm_eps=1e-12)
+    hidden = torch.randn(2, 12, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(hidden)[0].pow(2).mean().sqrt()
+        mixer.in_proj.weight[: mixer.inner_size] /= 20  # z, the gate
+        shrunk = mixer(hidden)[0].pow(2).mean().sqrt()
+    ratio = (shrunk / full).item()
+    assert ratio < 0.2 if norm_before_gate else ratio > 0.8, ratio
+
+
 # 6. transfer from attention
 
 
