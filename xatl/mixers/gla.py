@@ -15,7 +15,7 @@ Why scalar by default: the decay between tokens s and t multiplies the whole sco
 q/k copied from the donor (with its rotary) still score as its attention did, weighted by recency,
 whereas a decay per key dimension reweights the two halves of a rotary pair differently and the
 score stops depending on t − s alone. It is also the form the tiny-scale reproduction measured best
-(/work/shared/notes/xatl-at-tiny-scale.md), and its chunked op is several times cheaper: its decay
+(../shared/notes/xatl-at-tiny-scale.md), and its chunked op is several times cheaper: its decay
 between two tokens is one number, not K of them.
 
 Everything else (rotary, per-head RMSNorm, SiLU output gate, o_proj, padding, state, transfer) is
