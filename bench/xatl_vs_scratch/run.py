@@ -1,28 +1,35 @@
-"""XATL vs from-scratch, side by side, on two donors: the reproduction of the project's claim.
+"""XATL vs from-scratch, side by side, for each linear-cost mixer: the reproduction of the project's claim.
 
-For each donor (stories260K on TinyStories; a Llama pretrained here on Gutenberg books) and each
-variant, the same target architecture is trained for the same number of tokens:
+For each mixer, each donor (stories260K on TinyStories; a Llama pretrained here on Gutenberg books)
+and each variant, the same target architecture is trained for the same number of tokens:
 
-    scratch    every weight random (transfer `none`)
-    xatl       embeddings, norms, MLPs, head and W_O from the donor
-    xatl+qkv   + the mixers' q/k/v from the donor's Q/K/V
-    xatl+kl    `xatl`, trained with logit distillation from the donor
-    hybrid     `xatl+qkv` with attention kept at two layers
-    hybrid+kl  `hybrid`, trained with logit distillation from the donor
+    scratch          every weight random (transfer `none`)
+    xatl             embeddings, norms, MLPs, head and W_O from the donor
+    xatl+qkv         + the mixers' input projections from the donor's Q/K/V
+    xatl+qkv+lit     `xatl+qkv` with the weights copied from the donor frozen until the training loss
+                     stops improving (`--freeze lit`: the seed paper's rule)
+    xatl+qkv+steps   `xatl+qkv` with them frozen for a fixed number of steps (`--freeze steps:N`)
+    hybrid           `xatl+qkv` with attention kept at two layers
+    xatl+kl          `xatl`, trained with logit distillation from the donor (not run by default)
+    hybrid+kl        `hybrid`, trained with logit distillation from the donor (not run by default)
 
 Each variant's learning rate, and for the transferred variants the scale of the learning rate of
 the weights copied from the donor, come from a short sweep over a grid that this command runs (and
-reports); the full runs then record validation curves. Results go to bench/results/xatl_vs_scratch/: results.json,
-README.md (tables, goals, settings, machine) and curves.png. Finished runs are cached under
-bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an interrupted run continues.
+reports); the full runs then record validation curves. Results go to
+bench/results/xatl_vs_scratch/<mixer>/ (results.json, README.md with tables, goals, settings and
+machine, and curves.png), one folder per mixer, written as soon as that mixer is done; then
+bench/results/xatl_vs_scratch/README.md is rewritten from every mixer folder there, so a long run
+can be split over several invocations (`--mixers mamba2`, then `--mixers mamba`, ...). Finished runs
+are cached under bench/.cache/xatl_vs_scratch/ and reused when their settings match, so an
+interrupted run continues.
 
-    .venv/bin/python bench/xatl_vs_scratch/run.py                 # defaults: this 2-core CPU machine, < 1 hour
-    .venv/bin/python bench/xatl_vs_scratch/run.py --steps 800 --donors stories260K \
-        --transferred-lr-scales 1 0.3 --name xatl_vs_scratch/stories-800    # the notes' budget (over an hour)
+    .venv/bin/python bench/xatl_vs_scratch/run.py --jobs 1 --threads 1       # every mixer, stories260K
+    .venv/bin/python bench/xatl_vs_scratch/run.py --mixers gla --donors stories260K gutenberg \
+        --variants scratch xatl xatl+qkv xatl+kl hybrid hybrid+kl          # the earlier GLA comparison
     .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
-    .venv/bin/python bench/xatl_vs_scratch/run.py --donors stories260K --steps 100 --lrs 3e-3 \
+    .venv/bin/python bench/xatl_vs_scratch/run.py --mixers gla --steps 100 --lrs 3e-3 \
         --name xatl_vs_scratch/quick                               # a quick look
-    .venv/bin/python bench/xatl_vs_scratch/report.py               # render README.md / curves.png again
+    .venv/bin/python bench/xatl_vs_scratch/report.py               # render the READMEs / curves again
 """
 
 from __future__ import annotations
@@ -44,17 +51,22 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import environment, write_results  # noqa: E402
-from report import markdown, plot, summarize  # noqa: E402
-from tasks import CACHE, Task, gutenberg_task, stories_task  # noqa: E402
+from report import markdown, plot, summarize, write_overview  # noqa: E402
+from tasks import CACHE, ROOT, Task, gutenberg_task, relative, stories_task  # noqa: E402
 
+MIXERS = ["mamba2", "mamba", "retention", "gla"]
 VARIANTS = {
     "scratch": {"transfer": "none", "label": "scratch"},
     "xatl": {"transfer": "xatl", "label": "xatl"},
     "xatl+qkv": {"transfer": "xatl+qkv", "label": "xatl+qkv"},
-    "xatl+kl": {"transfer": "xatl", "distill": "kl", "label": "xatl + logit KL"},
+    "xatl+qkv+lit": {"transfer": "xatl+qkv", "freeze": "lit", "label": "xatl+qkv, frozen until the loss stalls (lit)"},
+    "xatl+qkv+steps": {"transfer": "xatl+qkv", "freeze": "steps:{freeze_steps}",
+                       "label": "xatl+qkv, frozen for {freeze_steps} steps"},
     "hybrid": {"transfer": "xatl+qkv", "hybrid": True, "label": "hybrid (xatl+qkv, attention at {layers})"},
+    "xatl+kl": {"transfer": "xatl", "distill": "kl", "label": "xatl + logit KL"},
     "hybrid+kl": {"transfer": "xatl+qkv", "hybrid": True, "distill": "kl", "label": "hybrid + logit KL"},
 }
+DEFAULT_VARIANTS = ["scratch", "xatl", "xatl+qkv", "xatl+qkv+lit", "xatl+qkv+steps", "hybrid"]
 
 SCALES = {
     "cpu": {
@@ -78,7 +90,7 @@ SCALES = {
         "threads": 0, "device": "cuda",
     },
 }
-COMMON = dict(mixer="gla", kl_weight=0.5, temperature=1.0, weight_decay=0.1, min_lr_ratio=0.1, seed=0)
+COMMON = dict(kl_weight=0.5, temperature=1.0, weight_decay=0.1, min_lr_ratio=0.1, seed=0)
 
 
 def log(message: str) -> None:
@@ -112,7 +124,7 @@ def run_one(spec: dict) -> dict:
     from xatl.training import TrainConfig, train
 
     transformers_logging.disable_progress_bar()
-    folder = Path(spec["folder"])
+    folder = ROOT / spec["folder"]
     result_file = folder / "result.json"
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
@@ -121,7 +133,7 @@ def run_one(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.set_flush_denormal(True)  # exp of long cumulative decays: denormals slow CPUs severalfold
-    task = Task(**{**spec["task"], "folder": Path(spec["task"]["folder"])})
+    task = Task(**spec["task"])
     donor = task.load_donor()
     variant = VARIANTS[spec["variant"]]
     layers = hybrid_layers(task.num_layers) if variant.get("hybrid") else []
@@ -137,17 +149,20 @@ def run_one(spec: dict) -> dict:
     train_blocks, valid = task.blocks("train"), task.blocks("valid")
     curve = [[0, evaluate_loss(model, valid, batch_size=16).loss]] if spec["eval_every"] else []
     speeds = []
+    unfrozen = []
 
     def on_step(event: dict) -> None:
         if event["event"] == "eval":
             curve.append([event["step"], event["valid_loss"]])
         elif event["event"] == "train" and event["tokens_per_second"]:
             speeds.append(event["tokens_per_second"])
+        elif event["event"] == "unfreeze":
+            unfrozen.append(event["step"])
 
     config = TrainConfig(
         max_steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"],
         min_lr_ratio=spec["min_lr_ratio"], weight_decay=spec["weight_decay"], distill=variant.get("distill", ""),
-        transferred_lr_scale=spec["transferred_lr_scale"],
+        freeze=spec["freeze"], transferred_lr_scale=spec["transferred_lr_scale"],
         kl_weight=spec["kl_weight"], temperature=spec["temperature"], seed=spec["seed"],
         eval_every=spec["eval_every"], log_every=10,
     )
@@ -156,7 +171,9 @@ def run_one(spec: dict) -> dict:
                    out_dir=folder, on_step=on_step)
     outcome = {
         "spec": spec, "lr": spec["lr"], "transferred_lr_scale": spec["transferred_lr_scale"],
-        "curve": curve, "final_loss": result.valid_loss,
+        "curve": curve, "final_loss": result.valid_loss, "freeze": spec["freeze"],
+        # the step the frozen weights were released at; None: still frozen at the end
+        "unfreeze_step": (unfrozen[0] if unfrozen else None) if spec["freeze"] != "none" else 0,
         "tokens": result.tokens, "seconds": time.perf_counter() - start,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
     }
@@ -178,19 +195,18 @@ def prepare_gutenberg(data_dir: str, settings: dict) -> Task:
 
 # -- the whole comparison ---------------------------------------------------------------------------
 
-def make_spec(task: Task, donor_settings: dict, args, variant: str, lr: float, scale: float, steps: int,
-              sweep: bool) -> dict:
+def make_spec(task: Task, donor_settings: dict, args, mixer: str, variant: str, lr: float, scale: float,
+              steps: int, sweep: bool) -> dict:
     kind = "sweep" if sweep else "final"
-    name = f"{task.name}/{variant}/{kind}-lr{lr:g}-x{scale:g}"
+    name = f"{mixer}/{task.name}/{variant}/{kind}-lr{lr:g}-x{scale:g}"
+    freeze = VARIANTS[variant].get("freeze", "none").format(freeze_steps=donor_settings["freeze_steps"])
+    folder = CACHE / "runs" / Path(task.folder).name / mixer / variant / f"{kind}-lr{lr:g}-x{scale:g}-{steps}"
     return {
-        "name": name,
-        "folder": str(CACHE / "runs" / task.folder.name / variant / f"{kind}-lr{lr:g}-x{scale:g}-{steps}"),
-        "task": {**asdict(task), "folder": str(task.folder)}, "variant": variant, "lr": lr,
-        "transferred_lr_scale": scale, "steps": steps,
+        "name": name, "folder": relative(folder), "task": asdict(task), "mixer": mixer, "variant": variant,
+        "freeze": freeze, "lr": lr, "transferred_lr_scale": scale, "steps": steps,
         "batch_size": donor_settings["batch_size"], "warmup_steps": min(donor_settings["warmup_steps"], steps // 4),
         "eval_every": 0 if sweep else donor_settings["eval_every"], "device": args.device,
-        "threads": args.threads, **{k: v for k, v in COMMON.items() if k != "mixer"}, "mixer": args.mixer,
-        "kl_weight": args.kl_weight,
+        "threads": args.threads, **COMMON, "kl_weight": args.kl_weight,
     }
 
 
@@ -199,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = copy.deepcopy(SCALES[args.scale])
     data_dir = Path(args.data_dir)
     jobs = args.jobs or scale["jobs"]
-    log(f"scale {args.scale}: donors {args.donors}, variants {args.variants}, lrs {args.lrs}, transferred-lr "
-        f"scales {args.transferred_lr_scales}, {jobs} job(s) of {args.threads or 'all'} thread(s)")
+    log(f"scale {args.scale}: mixers {args.mixers}, donors {args.donors}, variants {args.variants}, lrs {args.lrs}, "
+        f"transferred-lr scales {args.transferred_lr_scales}, {jobs} job(s) of {args.threads or 'all'} thread(s)")
     settings = {}
     for donor in args.donors:
         settings[donor] = scale[donor]
@@ -208,73 +224,88 @@ def main(argv: list[str] | None = None) -> int:
             settings[donor]["steps"] = args.steps
         if args.donor_steps and "donor" in settings[donor]:
             settings[donor]["donor"]["steps"] = args.donor_steps
+        settings[donor]["freeze_steps"] = args.freeze_steps or max(1, settings[donor]["steps"] // 8)
         settings[donor] |= {"seed": COMMON["seed"], "device": args.device, "threads": args.threads}
 
-    tasks: dict[str, Task] = {}
-    sweeps: dict[str, dict[str, dict]] = {d: {v: {} for v in args.variants} for d in args.donors}
-    finals: dict[str, dict[str, dict]] = {d: {} for d in args.donors}
-    started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        pending = {}
-
-        def submit_sweeps(donor: str) -> None:
-            task, block = tasks[donor], settings[donor]
-            sweep_steps = max(1, round(block["steps"] * scale["sweep_fraction"]))
-            for variant in args.variants:
-                grid = sweep_grid(variant, args.lrs, args.transferred_lr_scales)
-                if len(grid) == 1:
-                    sweeps[donor][variant] = {setting_key(*grid[0]): None}
-                    submit_final(donor, variant)
-                    continue
-                for lr, lr_scale in grid:
-                    spec = make_spec(task, block, args, variant, lr, lr_scale, sweep_steps, sweep=True)
-                    pending[pool.submit(run_one, spec)] = ("sweep", donor, variant, (lr, lr_scale))
-
-        def submit_final(donor: str, variant: str) -> None:
-            results = sweeps[donor][variant]
-            best = min(results, key=lambda key: results[key] if results[key] is not None else 0.0)
-            lr, lr_scale = (float(x) for x in best.split("×"))
-            spec = make_spec(tasks[donor], settings[donor], args, variant, lr, lr_scale, settings[donor]["steps"],
-                             sweep=False)
-            pending[pool.submit(run_one, spec)] = ("final", donor, variant, (lr, lr_scale))
-
-        if "gutenberg" in args.donors:  # the donor's pretraining runs beside the first sweeps
-            pending[pool.submit(prepare_gutenberg, str(data_dir), settings["gutenberg"])] = ("prepare", "gutenberg")
+        tasks: dict[str, Task] = {}
+        if "gutenberg" in args.donors:  # pretrains the donor the first time (cached)
+            gutenberg = pool.submit(prepare_gutenberg, str(data_dir), settings["gutenberg"])
         if "stories260K" in args.donors:
             tasks["stories260K"] = stories_task(data_dir, settings["stories260K"], log)
-            submit_sweeps("stories260K")
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                kind, donor, *rest = pending.pop(future)
-                outcome = future.result()
-                if kind == "prepare":
-                    tasks[donor] = outcome
-                    submit_sweeps(donor)
-                elif kind == "sweep":
-                    variant, setting = rest
-                    sweeps[donor][variant][setting_key(*setting)] = outcome["final_loss"]
-                    grid = sweep_grid(variant, args.lrs, args.transferred_lr_scales)
-                    if len(sweeps[donor][variant]) == len(grid):
-                        submit_final(donor, variant)
-                else:
-                    finals[donor][rest[0]] = outcome
+        if "gutenberg" in args.donors:
+            tasks["gutenberg"] = gutenberg.result()
+        for mixer in args.mixers:
+            started = time.perf_counter()
+            sweeps, finals = run_mixer(pool, mixer, tasks, settings, args, scale)
+            results = collect(mixer, tasks, settings, args, scale, jobs, sweeps, finals)
+            results["wall_seconds"] = time.perf_counter() - started
+            results["environment"] = environment()
+            folder = write_results(f"{args.name}/{mixer}", results, markdown(results))
+            plot(results, folder / "curves.png")
+            write_overview(args.name)
+            log(f"{mixer}: done in {results['wall_seconds'] / 60:.1f} min: {relative(folder)}")
+    return 0
 
+
+def run_mixer(pool, mixer: str, tasks: dict[str, Task], settings: dict, args, scale: dict):
+    """The sweeps, then the full run of each variant at its best setting; returns both."""
+    sweeps: dict[str, dict[str, dict]] = {d: {v: {} for v in args.variants} for d in args.donors}
+    finals: dict[str, dict[str, dict]] = {d: {} for d in args.donors}
+    pending = {}
+
+    def submit_final(donor: str, variant: str) -> None:
+        results = sweeps[donor][variant]
+        best = min(results, key=lambda key: results[key] if results[key] is not None else 0.0)
+        lr, lr_scale = (float(x) for x in best.split("×"))
+        spec = make_spec(tasks[donor], settings[donor], args, mixer, variant, lr, lr_scale,
+                         settings[donor]["steps"], sweep=False)
+        pending[pool.submit(run_one, spec)] = ("final", donor, variant, (lr, lr_scale))
+
+    for donor in args.donors:
+        task, block = tasks[donor], settings[donor]
+        sweep_steps = max(1, round(block["steps"] * scale["sweep_fraction"]))
+        for variant in args.variants:
+            grid = sweep_grid(variant, args.lrs, args.transferred_lr_scales)
+            if len(grid) == 1:
+                sweeps[donor][variant] = {setting_key(*grid[0]): None}
+                submit_final(donor, variant)
+                continue
+            for lr, lr_scale in grid:
+                spec = make_spec(task, block, args, mixer, variant, lr, lr_scale, sweep_steps, sweep=True)
+                pending[pool.submit(run_one, spec)] = ("sweep", donor, variant, (lr, lr_scale))
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            kind, donor, variant, setting = pending.pop(future)
+            outcome = future.result()
+            if kind == "sweep":
+                sweeps[donor][variant][setting_key(*setting)] = outcome["final_loss"]
+                if len(sweeps[donor][variant]) == len(sweep_grid(variant, args.lrs, args.transferred_lr_scales)):
+                    submit_final(donor, variant)
+            else:
+                finals[donor][variant] = outcome
+    return sweeps, finals
+
+
+def collect(mixer, tasks, settings, args, scale, jobs, sweeps, finals) -> dict:
+    """One mixer's results.json: settings, and per donor its runs, sweeps and summary."""
     reused = sum(run.get("reused", False) for block in finals.values() for run in block.values())
     results = {"reused_final_runs": reused,
-               "settings": {"scale": args.scale, "mixer": args.mixer, "lrs": args.lrs,
+               "settings": {"scale": args.scale, "mixer": mixer, "lrs": args.lrs,
                             "transferred_lr_scales": args.transferred_lr_scales, "variants": args.variants,
                             "eval_window": settings[args.donors[0]]["eval_window"],
                             "eval_every": settings[args.donors[0]]["eval_every"], "jobs": jobs,
                             "threads_per_job": args.threads, "device": args.device, "kl_weight": args.kl_weight,
-                            "per_donor": settings, **{k: v for k, v in COMMON.items() if k != "mixer"}},
-               "wall_seconds": time.perf_counter() - started, "donors": {}}
+                            "per_donor": settings, **COMMON},
+               "donors": {}}
     for donor in args.donors:
         task, block = tasks[donor], settings[donor]
         runs = {v: finals[donor][v] for v in args.variants}
         donor_loss = task.donor_loss()
-        labels = {v: VARIANTS[v]["label"].format(layers=",".join(map(str, hybrid_layers(task.num_layers))))
+        layers = ",".join(map(str, hybrid_layers(task.num_layers)))
+        labels = {v: VARIANTS[v]["label"].format(layers=layers, freeze_steps=block["freeze_steps"])
                   for v in args.variants}
         results["donors"][donor] = {
             "donor_loss": donor_loss, "labels": labels, "sweeps": sweeps[donor],
@@ -287,28 +318,26 @@ def main(argv: list[str] | None = None) -> int:
                               f"warm-up {min(block['warmup_steps'], block['steps'] // 4)}, cosine to 0.1×, "
                               "AdamW (0.9, 0.95), wd 0.1 on matrices, clip 1"),
         }
-        donor_info = task.folder / "donor" / "pretraining.json"
+        donor_info = task.path / "donor" / "pretraining.json"
         if donor_info.is_file():
             results["donors"][donor]["donor_pretraining"] = json.loads(donor_info.read_text())
-    results["environment"] = environment()
-    folder = write_results(args.name, results, markdown(results))
-    plot(results, folder / "curves.png")
-    log(f"done in {results['wall_seconds'] / 60:.1f} min: {folder}")
-    return 0
+    return results
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--donors", nargs="+", choices=["stories260K", "gutenberg"],
-                        default=["stories260K", "gutenberg"])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=MIXERS,
+                        help="linear-cost mixers replacing attention, one results folder each")
+    parser.add_argument("--donors", nargs="+", choices=["stories260K", "gutenberg"], default=["stories260K"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates swept per variant")
     parser.add_argument("--transferred-lr-scales", nargs="+", type=float,
                         help="scales of the lr of the copied weights swept per transferred variant")
     parser.add_argument("--steps", type=int, help="optimizer steps of each full run (default: the scale's)")
     parser.add_argument("--donor-steps", type=int, help="pretraining steps of the Gutenberg donor")
-    parser.add_argument("--mixer", default=COMMON["mixer"], help="the linear-cost mixer replacing attention")
+    parser.add_argument("--freeze-steps", type=int,
+                        help="N of the `steps:N` freeze variant (default: an eighth of the full runs' steps)")
     parser.add_argument("--kl-weight", type=float, default=COMMON["kl_weight"])
     parser.add_argument("--jobs", type=int, help="runs side by side (default: the scale's)")
     parser.add_argument("--threads", type=int, help="torch threads per run (0: torch's default)")

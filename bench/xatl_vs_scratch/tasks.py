@@ -10,13 +10,15 @@
   bench/.cache/, keyed by its settings.
 
 A task is saved as tensors (`train.pt`: blocks of `block_size` tokens; `valid.pt`: windows of
-`eval_window + 1` tokens) so that the worker processes load it instead of tokenising again.
+`eval_window + 1` tokens) so that the worker processes load it instead of tokenising again. Its
+paths are relative to the repository root (results name no path of the machine that wrote them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +28,36 @@ import torch
 from xatl.data import TextBlocks, pack_blocks
 from xatl.donors import Donor, load_donor
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "xatl_vs_scratch"
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+CACHE = ROOT / "bench" / ".cache" / "xatl_vs_scratch"
+
+
+def relative(path: str | Path) -> str:
+    """`path` relative to the repository root, as results and cached specs record it."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 @dataclass
 class Task:
     name: str
-    donor_source: str  # what `load_donor` reads
-    donor_tokenizer: str | None
-    folder: Path  # train.pt, valid.pt, donor.json
+    donor_source: str  # what `load_donor` reads, relative to the repository root
+    donor_tokenizer: str | None  # relative to the repository root
+    folder: str  # train.pt, valid.pt, donor.json; relative to the repository root
     num_layers: int
 
+    @property
+    def path(self) -> Path:
+        return ROOT / self.folder
+
     def load_donor(self) -> Donor:
-        return load_donor(self.donor_source, tokenizer=self.donor_tokenizer)
+        tokenizer = self.donor_tokenizer and str(ROOT / self.donor_tokenizer)
+        return load_donor(str(ROOT / self.donor_source), tokenizer=tokenizer)
 
     def blocks(self, split: str) -> list[torch.Tensor]:
-        return list(torch.load(self.folder / f"{split}.pt", weights_only=True))
+        return list(torch.load(self.path / f"{split}.pt", weights_only=True))
 
     def donor_loss(self) -> float:
-        return json.loads((self.folder / "donor.json").read_text())["loss"]
+        return json.loads((self.path / "donor.json").read_text())["loss"]
 
 
 def _key(settings: dict) -> str:
@@ -64,7 +77,7 @@ def _donor_loss(task: Task, log) -> None:
 
     teacher = convert(task.load_donor(), mixer="attention", transfer="xatl").model.float()
     result = evaluate_loss(teacher, task.blocks("valid"), batch_size=16)
-    (task.folder / "donor.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    (task.path / "donor.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     log(f"{task.name}: donor validation loss {result.loss:.4f} over {result.tokens:,} tokens")
 
 
@@ -79,7 +92,7 @@ def stories_task(data_dir: Path, settings: dict, log) -> Task:
             raise FileNotFoundError(f"{path} is missing")
     wanted = {k: settings[k] for k in ("block_size", "eval_window", "valid_stories")}
     folder = CACHE / f"stories-{_key(wanted)}"
-    task = Task("stories260K", str(donor), str(tokenizer), folder, num_layers=5)
+    task = Task("stories260K", relative(donor), relative(tokenizer), relative(folder), num_layers=5)
     if (folder / "donor.json").is_file():
         return task
 
@@ -115,7 +128,8 @@ def gutenberg_task(data_dir: Path, settings: dict, log) -> Task:
     wanted = {k: settings[k] for k in ("block_size", "eval_window", "valid_windows")} | donor_settings
     folder = CACHE / f"gutenberg-{_key(wanted)}"
     donor_dir = folder / "donor"
-    task = Task("gutenberg", str(donor_dir), None, folder, num_layers=donor_settings["num_hidden_layers"])
+    task = Task("gutenberg", relative(donor_dir), None, relative(folder),
+                num_layers=donor_settings["num_hidden_layers"])
     if (folder / "donor.json").is_file():
         return task
 

@@ -41,7 +41,8 @@ def make_mixer(dtype=torch.float64, seed=0, **options) -> Mamba2Mixer:
 
 
 def reference_forward(mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
-    """Mamba-2 from its equations, one token at a time: h_t = exp(dt A) h + dt x_t B_tᵀ, y_t = h_t C_t + D x_t."""
+    """Mamba-2 from its equations, one token at a time: h_t = exp(dt A) h + dt x_t B_tᵀ, y_t = h_t C_t + D x_t,
+    then norm(y) * silu(z) (or norm(y * silu(z)) with `norm_before_gate=False`)."""
     batch, length, _ = hidden.shape
     heads, head_dim, state_size, groups = mixer.num_heads, mixer.head_dim, mixer.state_size, mixer.n_groups
     inner = heads * head_dim
@@ -60,10 +61,12 @@ def reference_forward(mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt_raw[:, t] + mixer.dt_bias)  # (B, H)
         h = (dt * A).exp()[..., None, None] * h + (dt[..., None] * x)[..., None] * B[:, :, None]
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C) + mixer.D[:, None] * x)
-    y = torch.stack(ys, dim=1).reshape(batch, length, inner) * F.silu(z)
+    y = torch.stack(ys, dim=1).reshape(batch, length, inner)
+    gate_first = not mixer.norm.norm_before_gate
+    y = y * F.silu(z) if gate_first else y
     y = y.unflatten(-1, (groups, -1))
     y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)).flatten(-2) * mixer.norm.weight
-    return mixer.out_proj(y)
+    return mixer.out_proj(y if gate_first else y * F.silu(z))
 
 
 # 1. parity with transformers
@@ -71,7 +74,7 @@ def reference_forward(mixer: Mamba2Mixer, hidden: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n_groups", [4, 2, 1], ids=lambda g: f"groups{g}")
 def test_matches_transformers_mamba2_mixer_with_the_same_weights(n_groups):
-    ours = make_mixer(torch.float32, n_groups=n_groups).eval()
+    ours = make_mixer(torch.float32, n_groups=n_groups, norm_before_gate=False).eval()  # transformers' order
     hf_config = Mamba2Config(
         hidden_size=HIDDEN, num_heads=HEADS, head_dim=HEAD_DIM, state_size=HEAD_DIM, n_groups=n_groups,
         expand=1, conv_kernel=4, chunk_size=8, use_conv_bias=True, use_bias=False, layer_norm_epsilon=1e-5,
@@ -95,8 +98,9 @@ def test_matches_transformers_mamba2_mixer_with_the_same_weights(n_groups):
 
 @pytest.mark.parametrize("length", [1, 8, 19], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("n_groups", [4, 2], ids=lambda g: f"groups{g}")
-def test_chunked_forward_matches_reference_outputs_and_grads(length, n_groups):
-    mixer = make_mixer(n_groups=n_groups)
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+def test_chunked_forward_matches_reference_outputs_and_grads(length, n_groups, norm_before_gate):
+    mixer = make_mixer(n_groups=n_groups, norm_before_gate=norm_before_gate)
     hidden = torch.randn(2, length, HIDDEN, dtype=torch.float64, requires_grad=True)
     out, _ = mixer(hidden)
     ref = reference_forward(mixer, hidden)
@@ -235,6 +239,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
         (dict(time_step_min=0.5), "time_step_min"),
         (dict(time_step_floor=-1e-4), "time_step_floor"),
         (dict(norm_eps=0), "norm_eps"),
+        (dict(norm_before_gate=1), "norm_before_gate"),
         (dict(expand=2), "unknown option"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
@@ -253,9 +258,25 @@ def test_defaults_follow_the_attention_shape_and_init_is_mamba2s():
     dt = F.softplus(mixer.dt_bias)
     torch.testing.assert_close(dt.clamp(1e-3, 0.1), dt)
     assert torch.equal(mixer.D, torch.ones(HEADS)) and torch.equal(mixer.norm.weight, torch.ones(HIDDEN))
+    assert mixer.norm.norm_before_gate  # see the module docstring
     # the conv gets PyTorch's default init (uniform within 1/sqrt(width)) over the skeleton's normal(0.02)
     assert mixer.conv1d.weight.abs().max() <= 0.5 and mixer.conv1d.weight.std() > 0.2
     assert torch.equal(mixer.conv1d.bias, torch.zeros(mixer.conv_dim))
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+def test_a_small_gate_keeps_the_output_small_only_with_the_norm_first(norm_before_gate):
+    """Why the norm comes first (module docstring): shrinking the gate's rows of in_proj 20-fold
+    shrinks the output with them; with the gate first, the norm divides that scale out (down to
+    its epsilon, made negligible here)."""
+    mixer = make_mixer(norm_before_gate=norm_before_gate, norm_eps=1e-12)
+    hidden = torch.randn(2, 12, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(hidden)[0].pow(2).mean().sqrt()
+        mixer.in_proj.weight[: mixer.inner_size] /= 20  # z, the gate
+        shrunk = mixer(hidden)[0].pow(2).mean().sqrt()
+    ratio = (shrunk / full).item()
+    assert ratio < 0.2 if norm_before_gate else ratio > 0.8, ratio
 
 
 # 6. transfer from attention
