@@ -148,7 +148,8 @@ def transfer_weights(donor: Donor, model: XatlForCausalLM, mode: str) -> Transfe
     return TransferReport(
         mode=mode,
         donor={"source": donor.source, "model_type": donor.model_type,
-               "parameters": sum(t.numel() for t in {id(t): t for t in donor.state_dict.values()}.values())},
+               "parameters": sum(t.numel() for t in {id(t): t for t in donor.state_dict.values()}.values()),
+               **({"quantization": donor.quantization} if donor.quantization else {})},
         target={"layer_mixers": list(model.config.layer_mixers), "mixer_options": model.config.mixer_options},
         tensors=tensors,
     )

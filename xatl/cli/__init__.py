@@ -15,6 +15,8 @@ from importlib.metadata import entry_points
 
 COMMANDS = {
     "convert": ("xatl.cli.convert", "build a linear-cost model from a donor and transfer its weights"),
+    "attention-transfer": ("xatl.cli.attention_transfer",
+                           "train each converted layer to reproduce the donor's attention (before `train`)"),
     "train": ("xatl.cli.train", "continue training a converted model (optionally distilling from the donor)"),
     "eval": ("xatl.cli.eval", "cross-entropy and perplexity of a model on text"),
     "generate": ("xatl.cli.generate", "stream a completion with the constant-memory engine"),

@@ -14,7 +14,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("donor", help="a local Hugging Face directory, a hub id, or a llama2.c .bin checkpoint")
+    parser.add_argument("donor", help="a local Hugging Face directory, a hub id, a GGUF file (or a folder "
+                        "holding one), or a llama2.c .bin checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer file of a llama2.c checkpoint (its tokenizer .bin)")
     parser.add_argument("--mixer", default="mamba2", choices=list(MIXERS), help="mixer replacing attention")
     parser.add_argument("--attention-layers", default="", type=_layer_list, metavar="I,J",
@@ -49,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     summary = result.report.summary()
     print(f"donor       {result.donor.source} ({result.donor.model_type}, "
           f"{result.report.donor['parameters']:,} parameters)")
+    if result.donor.quantization:
+        q = result.donor.quantization
+        types = ", ".join(f"{kind} {count}" for kind, count in q["tensor_types"].items())
+        print(f"quantised   {q['file_type']} (tensors: {types}), dequantised to {q['dequantised_to']}")
     print(f"layers      {' '.join(result.model.config.layer_mixers)}")
     print(f"transfer    {args.transfer}: {summary['fraction_copied']:.1%} of {summary['parameters']:,} "
           f"parameters copied, {summary['fraction_transferred']:.1%} transferred")

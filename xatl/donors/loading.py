@@ -1,5 +1,6 @@
 """Read a donor from where it lives: a local Hugging Face directory (safetensors only), a hub id,
-or a llama2.c `.bin` checkpoint with its tokenizer `.bin`.
+a GGUF file (or a folder holding one, see `xatl.donors.gguf_file`), or a llama2.c `.bin` checkpoint
+with its tokenizer `.bin`.
 
 Pickle checkpoints (`pytorch_model.bin`, `*.pt`, ...) are refused and never opened: unpickling
 runs whatever code the file holds.
@@ -17,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from xatl.config import XatlConfig
-from xatl.donors import llama2c
+from xatl.donors import gguf_file, llama2c
 from xatl.donors.families import get_family
 from xatl.donors.llama2c_tokenizer import load_tokenizer as load_llama2c_tokenizer
 from xatl.donors.mapping import Family, map_weights
@@ -37,18 +38,24 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def load_donor(source: str, *, tokenizer: str | None = None, dtype: torch.dtype | str | None = None) -> Donor:
     """Read `source` into a `Donor`. `tokenizer`: the tokenizer `.bin` of a llama2.c checkpoint, or
-    a tokenizer directory / hub id to use instead of the one beside a Hugging Face donor. `dtype`:
-    cast floating tensors to it (default: keep the checkpoint's)."""
+    a tokenizer directory / hub id to use instead of the one beside a Hugging Face or GGUF donor.
+    `dtype`: cast floating tensors to it (default: keep the checkpoint's; GGUF: float32)."""
     dtype = _as_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file() and (found := gguf_file.find_gguf(path)) is not None:
+            return _from_gguf(found, tokenizer, dtype)
         return _from_directory(path, str(path), tokenizer, dtype)
     if path.is_file():
+        if path.suffix == gguf_file.SUFFIX or gguf_file.is_gguf(path):
+            return _from_gguf(path, tokenizer, dtype)
         if path.suffix == ".safetensors" or path.name == "config.json":
             raise DonorError(f"{path} is one file of a model: pass the directory that holds it")
         if path.suffix in PICKLE_SUFFIXES and path.suffix != ".bin":  # .bin: llama2.c's suffix too
             raise DonorError(f"{path} is a pickle checkpoint, {REFUSE_PICKLES}")
         return _from_llama2c(path, tokenizer, dtype)
+    if path.suffix == gguf_file.SUFFIX:  # not a hub id either
+        raise DonorError(f"GGUF file {source} does not exist")
     if _HUB_ID.fullmatch(source):
         return _from_directory(_download(source), source, tokenizer, dtype)
     raise DonorError(f"donor {source} does not exist")
@@ -122,6 +129,22 @@ def _download(repo_id: str) -> Path:
             f"donor {repo_id} is no local path, and downloading it from the Hugging Face Hub failed: "
             f"{type(error).__name__}: {error}"
         ) from None
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+
+
+def _from_gguf(path: Path, tokenizer: str | None, dtype) -> Donor:
+    info = gguf_file.read_info(path)  # refuses an architecture xatl has no family for, before dequantising
+    hf_config, hf_state = gguf_file.read_hf_model(info)
+    family = get_family(hf_config.model_type)
+    config = _build_config(family, hf_config.to_dict(), path)
+    names = gguf_file.gguf_names(info, hf_state, config.num_hidden_layers)
+    state, origins = map_weights(family, _cast(iter(hf_state.items()), dtype), config)
+    config.dtype = state["model.embed_tokens.weight"].dtype
+    tok = _hf_tokenizer(tokenizer) if tokenizer is not None else gguf_file.read_tokenizer(info)
+    return Donor(config, state, tok, family.model_type, str(path), gguf_file.annotate_origins(origins, names, info),
+                 quantization=info.quantization(config.dtype))
 
 
 # -- llama2.c ------------------------------------------------------------------------------------

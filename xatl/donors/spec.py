@@ -31,6 +31,9 @@ class Donor:
     # canonical name -> the donor checkpoint tensor it came from, with any transform applied
     # ("transformer.h.0.attn.c_attn.weight[:, 0:64] transposed"); shown in transfer reports
     origins: dict[str, str] = field(default_factory=dict)
+    # how the donor's file stored its weights when they were not plain floats (GGUF: file type and
+    # the type of each tensor, all dequantised on load); recorded in the transfer report
+    quantization: dict | None = None
 
     def attention_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """The attention tensors of one layer, named relative to the attention module."""
