@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as transformers_logging
 
-    from xatl.convert import REPORT_FILE
+    from xatl.artifacts import TRANSFER_REPORT as REPORT_FILE
     from xatl.data import TextBlocks, resolve_paths
     from xatl.eval import load_model
     from xatl.training.attention_transfer import AttentionTransferConfig, attention_transfer
