@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from service.embedded import start_redis, start_worker
     from service.keys import KEY_FILE, create_stored_key, read_stored_key
     from service.main import create_app
+    from service.server import DrainingServer
     from worker.store import migrate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
             from service.sample_job import submit_when_ready
 
             submit_when_ready(base, key, args.sample_job, settings.resolved_models_dir, tokens=args.sample_tokens)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                timeout_graceful_shutdown=int(settings.shutdown_drain_seconds) + 10)
+        try:
+            DrainingServer(config, app.state.registry, settings.shutdown_drain_seconds).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shutdown was orderly
+            pass
     finally:
         for child in reversed(children):  # the worker first: its jobs checkpoint and go back to the queue
             child.stop(timeout=60 if child.name == "worker" else 10)
@@ -97,3 +103,4 @@ def _gpus_visible(requested: int | None) -> bool:
     from worker.cli import visible_gpus
 
     return visible_gpus() > 0
+

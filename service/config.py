@@ -25,6 +25,9 @@ class Settings(WorkerSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     max_prompt_tokens: int = Field(16384, ge=1, description="longest prompt accepted, in tokens")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body but uploads (413 over it)")
+    shutdown_drain_seconds: float = Field(30.0, ge=0, description="on SIGINT/SIGTERM, how long running streams "
+                                          "may finish before they end with an error event")
     max_tokens: int = Field(4096, ge=1, description="largest `max_tokens` a request may ask for")
     max_concurrent_streams: int = Field(256, ge=1, description="requests in flight at once (more get 429)")
     max_batch_size: int = Field(64, ge=1, description="requests one engine decodes together; others wait")

@@ -11,7 +11,9 @@ from service.config import Settings
 from service.deps import StreamLimiter, require_api_key
 from service.errors import install_error_handlers
 from service.keys import read_stored_key
+from service.limits import MULTIPART_OVERHEAD, BodySizeLimit
 from service.metrics import Metrics
+from service.openapi import describe_service
 from service.registry import ModelRegistry
 from service.routes import completions, files, health, jobs, metrics, models
 from service.routes.docs import install_docs
@@ -42,12 +44,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.dispatch = _dispatcher(settings)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
+                       limits={"/v1/files": settings.max_upload_bytes + MULTIPART_OVERHEAD})
 
     app.include_router(health.router)
     install_docs(app)
     guarded = [Depends(require_api_key)]
     for router in (models.router, completions.router, metrics.router, files.router, jobs.router):
         app.include_router(router, dependencies=guarded)
+    describe_service(app)
     return app
 
 

@@ -97,9 +97,10 @@ class ModelRegistry:
         self._engines.pop(name).close()
         return True
 
-    def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+    def close(self, reason: str | None = None) -> None:
+        """Close every engine; requests still running end with an error event saying `reason`."""
+        for engine in list(self._engines.values()):
+            engine.close(reason) if reason else engine.close()
         self._engines.clear()
 
     def _load(self, path: Path) -> Engine:

@@ -129,6 +129,7 @@ class JobStore:
     def __init__(self, url: str):
         self.url = url
         if url.startswith("sqlite"):
+            _make_parent(url)
             self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
@@ -397,6 +398,17 @@ class JobStore:
                 session.delete(row)
 
 
+def _make_parent(url: str) -> None:
+    """SQLite creates its file, not the folders above it."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
 def _sqlite_pragmas(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
@@ -413,6 +425,8 @@ def migrate(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
+    if url.startswith("sqlite"):
+        _make_parent(url)
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

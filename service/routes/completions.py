@@ -33,6 +33,7 @@ from service.schemas.completions import (
 router = APIRouter(tags=["completions"])
 
 CLIENT_CLOSED_REQUEST = 499  # nobody reads this status: the client has gone
+PREFIX_CHARS_PER_TOKEN = 8  # text averages 3-5 characters a token: a prefix this long shows a prompt far too long
 
 
 @router.post("/v1/completions", response_model=None)
@@ -48,11 +49,7 @@ async def create_completion(
     # 2. the model (loaded on first use), the sampling parameters and the prompt's tokens
     engine = await _engine(registry, body.model)
     params = _sampling_params(body)
-    prompt_ids = await run_in_threadpool(_prompt_ids, engine, body.prompt)
-    if len(prompt_ids) > settings.max_prompt_tokens:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, over this server's limit of "
-                       f"{settings.max_prompt_tokens} (max_prompt_tokens)", param="prompt",
-                       code="max_prompt_tokens_exceeded")
+    prompt_ids = await run_in_threadpool(_prompt_ids, engine, body.prompt, settings.max_prompt_tokens)
 
     # 3. a slot, then the engine; no await between fetching the engine and submitting to it, so
     # that the registry cannot unload it in between
@@ -101,13 +98,25 @@ def _sampling_params(body: CompletionRequest):
         raise APIError(400, str(error)) from None
 
 
-def _prompt_ids(engine, prompt) -> list[int]:
-    """One prompt: a string, or token ids; a list holding one of them is accepted too."""
+def _prompt_ids(engine, prompt, limit: int) -> list[int]:
+    """One prompt's token ids: a string, or token ids; a list holding one of them is accepted too.
+    A text far over the limit is refused from its beginning, without tokenising all of it."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
             raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", param="prompt")
         prompt = prompt[0]
-    return engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str) and len(prompt) > (limit + 1) * PREFIX_CHARS_PER_TOKEN:
+        if len(engine.encode(prompt[: (limit + 1) * PREFIX_CHARS_PER_TOKEN])) > limit:
+            _too_long(f"more than {limit}", limit)
+    ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if len(ids) > limit:
+        _too_long(str(len(ids)), limit)
+    return ids
+
+
+def _too_long(count: str, limit: int):
+    raise APIError(400, f"the prompt has {count} tokens, over this server's limit of {limit} (max_prompt_tokens)",
+                   param="prompt", code="max_prompt_tokens_exceeded")
 
 
 class _CompletionRun:

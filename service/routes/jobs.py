@@ -219,8 +219,8 @@ def _references(spec) -> list[tuple[str, str]]:
 def _dispatch(request: Request, job_id: str, queue: str) -> None:
     try:
         request.app.state.dispatch(job_id, queue)
-    except Exception:  # the queue is unreachable: the job is stored, and a worker's sweep sends it later
-        logger.exception("could not send job %s to the queue %s; it stays queued", job_id, queue)
+    except Exception as error:  # the queue is unreachable: the job is stored, and a worker's sweep sends it later
+        logger.warning("could not send job %s to the queue %s (%s); it stays queued", job_id, queue, error)
 
 
 def _event_cursor(after: str | None) -> int | None:

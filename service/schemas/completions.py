@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationInfo, field_validator
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -35,15 +35,16 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[NonNegativeInt] | list[list[NonNegativeInt]]
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, description="extension: sample among the k most likely tokens")
+    top_k: int | None = Field(None, ge=0, description="extension: sample among the k most likely tokens (a k "
+                              "past the vocabulary keeps every token)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64, description="makes sampling reproducible")
     ignore_eos: bool = Field(False, description="extension: generate past the end-of-sequence token")
     n: int = 1
     best_of: int | None = None
@@ -60,6 +61,19 @@ class CompletionRequest(BaseModel):
     def _unsupported(cls, value, info: ValidationInfo):
         if value not in NEUTRAL_VALUES[info.field_name]:
             raise ValueError("not supported by this server (leave it at its default)")
+        return value
+
+    @field_validator("prompt", "stop")
+    @classmethod
+    def _unicode_text(cls, value):
+        """JSON can carry a lone UTF-16 surrogate (`"\\ud800"`), which is no text a tokenizer can read."""
+        for text in [value] if isinstance(value, str) else value or []:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise ValueError(f"holds a lone surrogate (\\u{ord(text[error.start]):04x}) at character "
+                                     f"{error.start}: not valid Unicode text") from None
         return value
 
     @field_validator("stop")

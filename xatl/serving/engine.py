@@ -298,8 +298,8 @@ class Engine:
         self._state_bytes = self._batch.nbytes()
         return bool(self._running or self._waiting)
 
-    def close(self) -> None:
-        """Stop the loop; requests still queued or running end with an error event."""
+    def close(self, reason: str = "the engine was closed") -> None:
+        """Stop the loop; requests still queued or running end with an error event saying `reason`."""
         with self._work:
             self._closed = True
             self._work.notify()
@@ -307,7 +307,7 @@ class Engine:
             self._thread.join()
         with self._work:
             left, self._waiting = [*self._running, *self._waiting], deque()
-        self._fail(left, RuntimeError("the engine was closed"))
+        self._fail(left, reason)
         self._batch.keep([])
         self._running = []
 
@@ -380,8 +380,9 @@ class Engine:
         sequence.stream.push(event)
         return event.finish_reason is not None
 
-    def _fail(self, sequences: list[_Sequence], error: BaseException) -> None:
-        message = f"{type(error).__name__}: {error}"
+    def _fail(self, sequences: list[_Sequence], error: BaseException | str) -> None:
+        """End `sequences` with an error event: a failure's type and message, or a plain reason."""
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         for sequence in sequences:
             sequence.stream.push(sequence.finish("", None, "error", self._batch.device, error=message))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's `stop`
+MIN_TEMPERATURE = 1e-4  # below it, a request decodes greedily
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_SEQUENCES:
@@ -53,7 +56,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, sampling is the argmax anyway, and logits divided by a temperature such as
+        # 1e-40 overflow float32 into inf and the draw into nan
+        return self.temperature < MIN_TEMPERATURE
 
     def make_generator(self) -> torch.Generator:
         """The request's own random stream, seeded by `seed` (or by fresh entropy)."""
@@ -83,7 +88,7 @@ def sample_next_tokens(
     rank = torch.arange(vocab)
 
     # 2. top-k: ranks at or past k are dropped (k = 0 keeps the whole vocabulary)
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows])
+    top_k = torch.tensor([min(params[i].top_k, vocab) or vocab for i in rows])  # k past the vocabulary: all
     drop = rank[None, :] >= top_k[:, None]
 
     # 3. top-p: drop a token when the tokens ranked above it already hold top_p of the mass
