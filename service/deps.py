@@ -77,3 +77,19 @@ def require_api_key(
                        code="invalid_api_key", headers=challenge)
     if not any(secrets.compare_digest(credentials.credentials.encode(), key.encode()) for key in keys):
         raise APIError(401, "incorrect API key provided", code="invalid_api_key", headers=challenge)
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is a 400 naming it, as an unknown body field is."""
+    route = request.scope.get("route")
+    if route is None or not hasattr(route, "dependant"):
+        return
+    known, pending = set(), [route.dependant]
+    while pending:  # the route's own query parameters and those of its dependencies
+        dependant = pending.pop()
+        known |= {param.alias for param in dependant.query_params}
+        pending += dependant.dependencies
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise APIError(400, f"unknown query parameter {unknown[0]!r}; this route takes {sorted(known) or 'none'}",
+                       param=unknown[0], code="unknown_parameter")

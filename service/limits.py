@@ -5,7 +5,7 @@ most `max_request_bytes` (a prompt of `max_prompt_tokens` tokens is far below it
 
 from __future__ import annotations
 
-from service.errors import APIError, error_body
+from service.errors import error_body
 
 MULTIPART_OVERHEAD = 1 << 20  # boundaries and the other form fields beside an upload's bytes
 
@@ -24,18 +24,30 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _refuse(send, limit)
-        received = 0
+        received, refused, started = 0, False, False
 
         async def counted():
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:  # the route's own error handling answers this as 413
-                    raise APIError(413, _message(limit), code="request_too_large")
+                if received > limit:  # answer now; the app reads on to a disconnect and its answer is dropped
+                    refused = True
+                    if not started:
+                        await _refuse(send, limit)
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        async def guarded_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = True
+            await send(message)
+
+        await self.app(scope, counted, guarded_send)
 
 
 def _message(limit: int) -> str:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from service.config import Settings
-from service.deps import StreamLimiter, require_api_key
+from service.deps import StreamLimiter, reject_unknown_query, require_api_key
 from service.errors import install_error_handlers
 from service.keys import read_stored_key
 from service.limits import MULTIPART_OVERHEAD, BodySizeLimit
@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.close()  # stop the engines' threads
         store.close()
 
-    app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(reject_unknown_query)])
     app.state.settings = settings
     app.state.api_keys = settings.api_keys or [k for k in [read_stored_key(settings.data_dir)] if k]
     app.state.registry = registry

@@ -10,7 +10,7 @@ over `max_upload_bytes` is refused from its Content-Length before it is read.
 from __future__ import annotations
 
 import shutil
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -50,7 +50,8 @@ async def upload_file(request: Request, file: UploadFile, purpose: Annotated[str
 
 
 @router.get("")
-async def list_files(store: StoreDep, purpose: str | None = None, after: str | None = None,
+async def list_files(store: StoreDep, purpose: Literal["train", "validation", "donor"] | None = None,
+                     after: Annotated[str | None, Query(min_length=1)] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> FileList:
     try:
         page = await run_in_threadpool(lambda: store.list_files(purpose=purpose, after=after, limit=limit))

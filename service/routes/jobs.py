@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -38,6 +38,7 @@ from worker.specs import ConversionJob, FineTuneJob, JobSpec, default_model_name
 from worker.store import TERMINAL, new_id
 
 logger = logging.getLogger(__name__)
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SPEC = TypeAdapter(JobSpec)
@@ -83,8 +84,8 @@ async def create_job(request: Request, store: StoreDep, settings: SettingsDep,
 
 
 @router.get("")
-async def list_jobs(store: StoreDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                    status: str | None = None) -> JobList:
+async def list_jobs(store: StoreDep, after: Annotated[str | None, Query(min_length=1)] = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20, status: JobStatus | None = None) -> JobList:
     try:
         page = await run_in_threadpool(lambda: store.list_jobs(after=after, limit=limit, status=status))
     except KeyError:
@@ -109,7 +110,8 @@ async def cancel_job(job_id: str, store: StoreDep) -> Job:
 
 
 @router.get("/{job_id}/events", response_model=None)
-async def list_events(job_id: str, request: Request, store: StoreDep, after: str | None = None,
+async def list_events(job_id: str, request: Request, store: StoreDep,
+                      after: Annotated[str | None, Query(min_length=1)] = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                       stream: bool = False) -> JobEventList | StreamingResponse:
     """Oldest first. `after`: the id of the last event seen. `stream=true`: every event from `after` on as

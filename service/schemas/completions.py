@@ -32,7 +32,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is no token id and `"3"` no max_tokens (JSON's own types, as OpenAI's API reads them)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     prompt: str | list[str] | list[NonNegativeInt] | list[list[NonNegativeInt]]
