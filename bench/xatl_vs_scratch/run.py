@@ -115,13 +115,17 @@ def hybrid_layers(num_layers: int) -> list[int]:
 # -- one training run (in a worker process) -------------------------------------------------------
 
 def run_one(spec: dict) -> dict:
-    """Convert the donor as `spec` says, train it, record its validation curve. Cached by spec."""
+    """Convert the donor as `spec` says, train it, record its validation curve. Cached by spec.
+
+    Through `xatl.pipeline.run_pipeline`, the code path of `xatl train`'s set-up and of the workers'
+    jobs: a first call converts (in `folder/converted`), the step-0 loss is measured on it, a second
+    call trains it (the conversion is found and reused) on the task's pre-tokenised blocks."""
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from xatl.convert import convert
-    from xatl.eval import evaluate_loss
-    from xatl.training import TrainConfig, train
+    from xatl.eval import evaluate_loss, load_model
+    from xatl.pipeline import ConvertStage, PipelineSpec, TrainStage, run_pipeline
+    from xatl.training import TrainConfig
 
     transformers_logging.disable_progress_bar()
     folder = ROOT / spec["folder"]
@@ -132,33 +136,11 @@ def run_one(spec: dict) -> dict:
             return {**cached, "reused": True}
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    torch.set_flush_denormal(True)  # exp of long cumulative decays: denormals slow CPUs severalfold
     task = Task(**spec["task"])
-    donor = task.load_donor()
     variant = VARIANTS[spec["variant"]]
     layers = hybrid_layers(task.num_layers) if variant.get("hybrid") else []
-    device = torch.device(spec["device"])
-    conversion = convert(donor, mixer=spec["mixer"], attention_layers=layers, transfer=variant["transfer"],
-                         seed=spec["seed"])
-    model = conversion.model.float().to(device)
-    # the weights the transferred lr scale applies to: those copied from the donor
-    transferred = {t.name for t in conversion.report.tensors if t.origin == "copied"}
-    teacher = None
-    if variant.get("distill"):
-        teacher = convert(donor, mixer="attention", transfer="xatl").model.float().to(device)
-    train_blocks, valid = task.blocks("train"), task.blocks("valid")
-    curve = [[0, evaluate_loss(model, valid, batch_size=16).loss]] if spec["eval_every"] else []
-    speeds = []
-    unfrozen = []
-
-    def on_step(event: dict) -> None:
-        if event["event"] == "eval":
-            curve.append([event["step"], event["valid_loss"]])
-        elif event["event"] == "train" and event["tokens_per_second"]:
-            speeds.append(event["tokens_per_second"])
-        elif event["event"] == "unfreeze":
-            unfrozen.append(event["step"])
-
+    convert = ConvertStage(donor=task.donor_source, tokenizer=task.donor_tokenizer, mixer=spec["mixer"],
+                           attention_layers=layers, transfer=variant["transfer"], seed=spec["seed"])
     config = TrainConfig(
         max_steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"],
         min_lr_ratio=spec["min_lr_ratio"], weight_decay=spec["weight_decay"], distill=variant.get("distill", ""),
@@ -166,19 +148,35 @@ def run_one(spec: dict) -> dict:
         kl_weight=spec["kl_weight"], temperature=spec["temperature"], seed=spec["seed"],
         eval_every=spec["eval_every"], log_every=10,
     )
-    start = time.perf_counter()
-    result = train(model, train_blocks, config, valid_blocks=valid, teacher=teacher, transferred=transferred,
-                   out_dir=folder, on_step=on_step)
+    train_blocks, valid = task.blocks("train"), task.blocks("valid")
+    curve, speeds, unfrozen = [], [], []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "eval":
+            curve.append([event["step"], event["valid_loss"]])
+        elif event["event"] == "train" and event["tokens_per_second"]:
+            speeds.append(event["tokens_per_second"])
+        elif event["event"] == "unfreeze":
+            unfrozen.append(event["step"])
+
+    run_pipeline(PipelineSpec(convert=convert, device=spec["device"]), folder)  # 1. convert
+    if spec["eval_every"]:  # 2. the step-0 point of the curve
+        model, _ = load_model(folder / "converted", device=spec["device"], dtype=torch.float32)
+        curve.append([0, evaluate_loss(model, valid, batch_size=16).loss])
+        del model
+    start = time.perf_counter()  # 3. train, with the donor as teacher when the variant distils
+    result = run_pipeline(PipelineSpec(convert=convert, train=TrainStage(config=config), device=spec["device"]),
+                          folder, blocks=train_blocks, valid_blocks=valid, on_event=on_event).train
     outcome = {
         "spec": spec, "lr": spec["lr"], "transferred_lr_scale": spec["transferred_lr_scale"],
-        "curve": curve, "final_loss": result.valid_loss, "freeze": spec["freeze"],
+        "curve": curve, "final_loss": result["valid_loss"], "freeze": spec["freeze"],
         # the step the frozen weights were released at; None: still frozen at the end
         "unfreeze_step": (unfrozen[0] if unfrozen else None) if spec["freeze"] != "none" else 0,
-        "tokens": result.tokens, "seconds": time.perf_counter() - start,
+        "tokens": result["tokens"], "seconds": time.perf_counter() - start,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
     }
     result_file.write_text(json.dumps(outcome, indent=1) + "\n")
-    log(f"{spec['name']}: validation {result.valid_loss:.4f} after {result.step} steps "
+    log(f"{spec['name']}: validation {result['valid_loss']:.4f} after {result['steps']} steps "
         f"({outcome['seconds']:.0f} s, {outcome['tokens_per_second'] or 0:,.0f} tokens/s)")
     return outcome
 
