@@ -161,3 +161,25 @@ def test_run_level_mistakes_are_refused(tokenizer):
         train(model, blocks, TrainConfig(max_steps=1, precision="fp16"))
     with pytest.raises(ValueError, match="need out_dir"):
         train(model, blocks, TrainConfig(max_steps=1, save_every=1))
+
+
+def test_a_run_that_fails_ends_with_a_failed_event_and_raises(tokenizer, tmp_path):
+    model = tiny_model(("gla", "attention"), vocab_size=len(tokenizer))
+    forward, calls = model.forward, []
+
+    def breaks_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return forward(*args, **kwargs)
+
+    model.forward = breaks_at_the_third_step
+    events = []
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train(model, corpus_blocks(tokenizer), TrainConfig(max_steps=10, batch_size=4), out_dir=tmp_path,
+              on_step=events.append)
+    assert events[-1] == {"event": "failed", "step": 2,
+                          "error": "RuntimeError: CUDA error: an illegal memory access (simulated)"}
+    logged = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert logged[-1]["event"] == "failed"
+    assert not (tmp_path / "model.safetensors").exists()  # no final model from a failed run

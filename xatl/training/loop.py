@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, fields
@@ -203,79 +204,102 @@ def train(
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     model.train()
 
-    # 3. Optimizer steps
-    local = slice(rank * config.batch_size * config.grad_accum, (rank + 1) * config.batch_size * config.grad_accum)
-    interval = _Interval()
-    valid_loss, stopped = None, False
-    while step < total_steps:
-        lr = set_learning_rates(
-            optimizer, schedule, step, transferred_lr_scale=config.transferred_lr_scale,
-            unfreeze_step=unfreeze_step, unfreeze_warmup_steps=config.unfreeze_warmup_steps,
-        )
-        batch = stream.next_batch()[local].to(device)  # (batch_size * grad_accum, T), this rank's share
-        terms = {}
-        for micro in batch.split(config.batch_size):
-            with _autocast(device, autocast_dtype):
-                loss, parts = _loss(model, micro, teacher, distill, config)
-            loss = loss / config.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            for key, value in parts.items():
-                terms[key] = terms.get(key, 0.0) + value.detach() / config.grad_accum
-        if world > 1:
-            _average_gradients(model, world)
-        if scaler:
-            scaler.unscale_(optimizer)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip or math.inf)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    # every run ends with one last event: done, stopped, or failed (then the error goes on up)
+    try:
+        # 3. Optimizer steps
+        local = slice(rank * config.batch_size * config.grad_accum, (rank + 1) * config.batch_size * config.grad_accum)
+        interval = _Interval()
+        valid_loss, stopped = None, False
+        while step < total_steps:
+            lr = set_learning_rates(
+                optimizer, schedule, step, transferred_lr_scale=config.transferred_lr_scale,
+                unfreeze_step=unfreeze_step, unfreeze_warmup_steps=config.unfreeze_warmup_steps,
+            )
+            batch = stream.next_batch()[local].to(device)  # (batch_size * grad_accum, T), this rank's share
+            terms = {}
+            for micro in batch.split(config.batch_size):
+                with _autocast(device, autocast_dtype):
+                    loss, parts = _loss(model, micro, teacher, distill, config)
+                loss = loss / config.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for key, value in parts.items():
+                    terms[key] = terms.get(key, 0.0) + value.detach() / config.grad_accum
+            if world > 1:
+                _average_gradients(model, world)
+            if scaler:
+                scaler.unscale_(optimizer)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip or math.inf)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        terms = _mean_over_ranks(terms, world)
-        interval.add(terms, tokens_per_step)
-        if unfreeze_step is None and freeze.observe(step, terms["loss"], model):
-            unfreeze_step = step
-            for name, param in model.named_parameters():
-                if name in transferred:
-                    param.requires_grad_(True)
-            log.write({"event": "unfreeze", "step": step, "rule": freeze.spec})
-        if step % config.log_every == 0 or step == total_steps:
-            log.write({
-                "event": "train", "step": step, "total_steps": total_steps, "tokens": step * tokens_per_step,
-                **interval.flush(), "lr": lr, "grad_norm": grad_norm.item(), "frozen": unfreeze_step is None,
-            })
-        if valid_blocks is not None and config.eval_every and step % config.eval_every == 0:
+            terms = _mean_over_ranks(terms, world)
+            interval.add(terms, tokens_per_step)
+            if unfreeze_step is None and freeze.observe(step, terms["loss"], model):
+                unfreeze_step = step
+                for name, param in model.named_parameters():
+                    if name in transferred:
+                        param.requires_grad_(True)
+                log.write({"event": "unfreeze", "step": step, "rule": freeze.spec})
+            if step % config.log_every == 0 or step == total_steps:
+                log.write({
+                    "event": "train", "step": step, "total_steps": total_steps, "tokens": step * tokens_per_step,
+                    **interval.flush(), "lr": lr, "grad_norm": grad_norm.item(), "frozen": unfreeze_step is None,
+                })
+            if valid_blocks is not None and config.eval_every and step % config.eval_every == 0:
+                valid_loss = _evaluate(model, valid_blocks, config, log, step, tokens_per_step)
+            stopped = should_stop is not None and step < total_steps and _agree(should_stop(), world)
+            save_now = config.save_every and step % config.save_every == 0 and step < total_steps
+            if out_dir is not None and (save_now or stopped):
+                state = {
+                    "step": step, "unfreeze_step": unfreeze_step, "optimizer": optimizer.state_dict(),
+                    "data": stream.state_dict(), "freeze": freeze.state_dict(), "config": asdict(config),
+                    "scaler": scaler.state_dict() if scaler else None,
+                }
+                path = save_checkpoint(checkpoint_path(out_dir, step), model, state, rank=rank,
+                                       keep_last=config.keep_checkpoints)
+                log.write({"event": "checkpoint", "step": step, "path": str(path)})
+            if stopped:
+                break
+
+        # 4. Final evaluation and model
+        if valid_blocks is not None and not stopped and not (config.eval_every and step % config.eval_every == 0):
             valid_loss = _evaluate(model, valid_blocks, config, log, step, tokens_per_step)
-        stopped = should_stop is not None and step < total_steps and _agree(should_stop(), world)
-        save_now = config.save_every and step % config.save_every == 0 and step < total_steps
-        if out_dir is not None and (save_now or stopped):
-            state = {
-                "step": step, "unfreeze_step": unfreeze_step, "optimizer": optimizer.state_dict(),
-                "data": stream.state_dict(), "freeze": freeze.state_dict(), "config": asdict(config),
-                "scaler": scaler.state_dict() if scaler else None,
-            }
-            path = save_checkpoint(checkpoint_path(out_dir, step), model, state, rank=rank,
-                                   keep_last=config.keep_checkpoints)
-            log.write({"event": "checkpoint", "step": step, "path": str(path)})
-        if stopped:
-            break
+        if out_dir is not None and not stopped and rank == 0:
+            _save_model(model, tokenizer, out_dir)
+        result = TrainResult(step, total_steps, step * tokens_per_step, interval.last_loss, valid_loss,
+                             unfreeze_step, stopped)
+        log.write({"event": "stopped" if stopped else "done", **asdict(result)})
+        log.close()
+        return result
+    except BaseException as error:
+        log.write({"event": "failed", "step": step, "error": f"{type(error).__name__}: {error}"})
+        log.close()
+        raise
 
-    # 4. Final evaluation and model
-    if valid_blocks is not None and not stopped and not (config.eval_every and step % config.eval_every == 0):
-        valid_loss = _evaluate(model, valid_blocks, config, log, step, tokens_per_step)
-    if out_dir is not None and not stopped and rank == 0:
-        model.save_pretrained(out_dir)
+
+def _save_model(model, tokenizer, out_dir: Path) -> None:
+    """The final model into `out_dir`, each file written aside and renamed over the old one, the
+    config last: a reader that waits for `config.json` (as the service's model list does) finds the
+    weights beside it whole."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".final-") as staging:
+        model.save_pretrained(staging)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    result = TrainResult(step, total_steps, step * tokens_per_step, interval.last_loss, valid_loss,
-                         unfreeze_step, stopped)
-    log.write({"event": "stopped" if stopped else "done", **asdict(result)})
-    log.close()
-    return result
+            tokenizer.save_pretrained(staging)
+        files = sorted(Path(staging).iterdir(), key=lambda f: f.name == "config.json")
+        for file in files:
+            if file.is_file():
+                os.replace(file, out_dir / file.name)
+            else:
+                shutil.copytree(file, out_dir / file.name, dirs_exist_ok=True)
 
 
 def _loss(model, input_ids, teacher, distill, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
