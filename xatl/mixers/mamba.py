@@ -201,7 +201,7 @@ class MambaMixer(Mixer):
             )
         else:
             y, final_state = selective_scan(
-                u, delta, A, B, C, self.D, z=z, initial_state=initial_state, return_last_state=True
+                u, delta, A, B, C, self.D, z=z, initial_state=initial_state, output_final_state=True
             )
         return y.transpose(1, 2), (final_state if output_final_state else None)
 

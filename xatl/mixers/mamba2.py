@@ -193,7 +193,7 @@ class Mamba2Mixer(Mixer):
         # 4. the scan, then the skip D x
         initial = None if state is None else state["ssm"]
         if decoding:
-            ssm_state, y = simple_gla_step(
+            y, ssm_state = simple_gla_step(
                 self._per_head(C)[:, 0], self._per_head(B)[:, 0], x[:, 0] * dt[:, 0, :, None],
                 dt[:, 0] * A, initial, scale=1.0,
             )

@@ -191,7 +191,7 @@ class RetentionMixer(Mixer):
         initial_state = None if state is None else state["recurrent_state"]
         if q.shape[1] == 1 and initial_state is not None:
             step = gla_step if vector else simple_gla_step
-            new_state, o = step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], initial_state, scale=self.head_dim**-0.5)
+            o, new_state = step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], initial_state, scale=self.head_dim**-0.5)
             return o[:, None].to(v.dtype), new_state  # (B, 1, H, V)
         chunk = chunk_gla if vector else chunk_simple_gla
         return chunk(q, k, v, g, initial_state=initial_state, output_final_state=use_cache)
