@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xatl.artifacts import TRANSFER_REPORT
-from xatl.training.freeze import read_transfer_report, transferred_names
+from xatl.artifacts import TRANSFER_REPORT, read_tensor_origins
+from xatl.training.freeze import transferred_names
 from xatl.training.loop import TrainConfig, TrainResult, train
 
 
@@ -112,7 +112,7 @@ def run_training(
     model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
     transferred: set[str] = set()
     if (model_dir / TRANSFER_REPORT).is_file():
-        transferred = transferred_names(read_transfer_report(model_dir), include_initialised=run.freeze_initialised)
+        transferred = transferred_names(read_tensor_origins(model_dir), include_initialised=run.freeze_initialised)
     elif config.freeze != "none" or config.transferred_lr_scale != 1.0:
         raise ValueError(f"freezing and transferred_lr_scale need {model_dir / TRANSFER_REPORT} "
                          "(written by `xatl convert`)")
