@@ -42,28 +42,6 @@ class Mixer(nn.Module):
     #: parameter of the mixer that plays W_O's role (copied in `xatl` transfer mode)
     output_projection: ClassVar[str]
 
-    @classmethod
-    def default_options(cls, config: XatlConfig) -> dict:
-        """Hyperparameters used when the user gives none, derived from the attention shape."""
-        return {}
-
-    @classmethod
-    def validate_options(cls, config: XatlConfig, options: dict) -> None:
-        """Raise `ValueError` naming the option when a value cannot work."""
-
-    @classmethod
-    def resolve_options(cls, config: XatlConfig, given: dict) -> dict:
-        defaults = cls.default_options(config)
-        unknown = set(given) - set(defaults)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for mixer {cls.name!r}; "
-                f"known: {sorted(defaults)}"
-            )
-        options = {**defaults, **given}
-        cls.validate_options(config, options)
-        return options
-
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -34,9 +34,6 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POSITIVE_INTS = ("state_size", "time_step_rank", "conv_kernel")
-POSITIVE_NUMBERS = ("expand", "time_step_min", "time_step_max", "time_step_scale")
-TIME_STEP_INIT_SCHEMES = ("random", "constant")
 
 
 class MambaMixer(Mixer):
@@ -64,7 +61,7 @@ class MambaMixer(Mixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        options = self.resolve_options(config, dict(config.mixer_options.get(self.name) or {}))
+        options = config.mixer_options[self.name]  # resolved (and checked) by the config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.intermediate_size = round(options["expand"] * config.hidden_size)
@@ -91,55 +88,6 @@ class MambaMixer(Mixer):
         self.out_proj = nn.Linear(inner, self.hidden_size, bias=options["use_bias"])
         if self.A_log.device.type != "meta":
             self.reset_parameters()
-
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            "expand": 2,
-            "state_size": 16,
-            "time_step_rank": math.ceil(config.hidden_size / 16),
-            "conv_kernel": 4,
-            "use_conv_bias": True,
-            "use_bias": False,
-            "time_step_min": 0.001,
-            "time_step_max": 0.1,
-            "time_step_floor": 1e-4,
-            "time_step_scale": 1.0,
-            "time_step_init_scheme": "random",
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        for key in POSITIVE_INTS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"mamba option {key} must be a positive integer, got {value!r}")
-        for key in POSITIVE_NUMBERS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"mamba option {key} must be a positive number, got {value!r}")
-        inner = options["expand"] * config.hidden_size
-        if inner != round(inner):
-            raise ValueError(
-                f"mamba option expand ({options['expand']}) times hidden_size ({config.hidden_size}) "
-                f"must be a whole number of channels, got {inner}"
-            )
-        for key in ("use_conv_bias", "use_bias"):
-            if not isinstance(options[key], bool):
-                raise ValueError(f"mamba option {key} must be true or false, got {options[key]!r}")
-        if options["time_step_min"] > options["time_step_max"]:
-            raise ValueError(
-                f"mamba option time_step_min ({options['time_step_min']}) must not exceed "
-                f"time_step_max ({options['time_step_max']})"
-            )
-        floor = options["time_step_floor"]
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or floor < 0:
-            raise ValueError(f"mamba option time_step_floor must be a number >= 0, got {floor!r}")
-        if options["time_step_init_scheme"] not in TIME_STEP_INIT_SCHEMES:
-            raise ValueError(
-                f"mamba option time_step_init_scheme must be one of {TIME_STEP_INIT_SCHEMES}, "
-                f"got {options['time_step_init_scheme']!r}"
-            )
 
     def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.

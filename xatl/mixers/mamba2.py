@@ -50,7 +50,6 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POSITIVE_INTS = ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "chunk_size")
 
 
 class GatedRMSNorm(nn.Module):
@@ -107,7 +106,7 @@ class Mamba2Mixer(Mixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        options = self.resolve_options(config, dict(config.mixer_options.get(self.name) or {}))
+        options = config.mixer_options[self.name]  # resolved (and checked) by the config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = options["num_heads"]
@@ -138,50 +137,6 @@ class Mamba2Mixer(Mixer):
         self.out_proj = nn.Linear(self.inner_size, self.hidden_size, bias=config.attention_out_bias)
         if self.A_log.device.type != "meta":
             self.reset_parameters()
-
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            "num_heads": config.num_attention_heads,
-            "head_dim": config.head_dim,
-            "state_size": config.head_dim,
-            "n_groups": config.num_attention_heads,
-            "conv_kernel": 4,
-            "chunk_size": 64,
-            "use_conv_bias": True,
-            "time_step_min": 0.001,
-            "time_step_max": 0.1,
-            "time_step_floor": 1e-4,
-            "norm_eps": 1e-5,
-            "norm_before_gate": True,
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        for key in POSITIVE_INTS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"mamba2 option {key} must be a positive integer, got {value!r}")
-        if options["num_heads"] % options["n_groups"]:
-            raise ValueError(
-                f"mamba2 option num_heads ({options['num_heads']}) must be a multiple of "
-                f"n_groups ({options['n_groups']})"
-            )
-        for key in ("use_conv_bias", "norm_before_gate"):
-            if not isinstance(options[key], bool):
-                raise ValueError(f"mamba2 option {key} must be true or false, got {options[key]!r}")
-        for key in ("time_step_min", "time_step_max", "norm_eps"):
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"mamba2 option {key} must be a positive number, got {value!r}")
-        if options["time_step_min"] > options["time_step_max"]:
-            raise ValueError(
-                f"mamba2 option time_step_min ({options['time_step_min']}) must not exceed "
-                f"time_step_max ({options['time_step_max']})"
-            )
-        floor = options["time_step_floor"]
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or floor < 0:
-            raise ValueError(f"mamba2 option time_step_floor must be a number >= 0, got {floor!r}")
 
     def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.
