@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from xatl.loader import load_model
 from xatl.model import XatlForCausalLM
 from xatl.serving.batch import DecodeBatch
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
@@ -221,16 +222,12 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
+        cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> Engine:
-        """Load a model folder (as `xatl convert` or `save_pretrained` writes it) and its tokenizer."""
-        from transformers import AutoTokenizer
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
-        model = XatlForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        """Load a model folder (as `xatl convert` or `save_pretrained` writes it) and its tokenizer,
+        with `xatl.loader.load_model` (device None: its rule, a GPU where there is one)."""
+        model, tokenizer = load_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 
     # ---- submitting ------------------------------------------------------------------------------
