@@ -19,10 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import logging
 
 from xatl.mixers.base import Assignment, Mixer
-from xatl.ops.causal_conv import causal_conv1d, causal_conv1d_step
+from xatl.mixers.shared import (
+    conv_silu,
+    kernel_applies,
+    pass_through_conv,
+    repeat_kv_heads,
+    reset_conv_,
+    time_step_bias,
+)
 from xatl.ops.selective_scan import selective_scan, selective_state_step
 
 try:
@@ -31,9 +37,6 @@ try:
 except ImportError:
     selective_scan_fn = selective_state_update = None
 
-logger = logging.get_logger(__name__)
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class MambaMixer(Mixer):
@@ -103,17 +106,10 @@ class MambaMixer(Mixer):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, inner) each
 
         # 2. causal depthwise convolution, then SiLU
-        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (inner, W), (inner,)
-        if decoding:
-            x, conv_state = causal_conv1d_step(
-                x[:, 0], state["conv"], weight, bias, activation="silu", use_kernel=self.use_kernels
-            )
-            x = x[:, None]  # (B, 1, inner)
-        else:
-            x, conv_state = causal_conv1d(
-                x, weight, bias, activation="silu", initial_state=None if state is None else state["conv"],
-                output_final_state=use_cache, use_kernel=self.use_kernels,
-            )
+        x, conv_state = conv_silu(
+            x, self.conv1d, None if state is None else state["conv"], decoding=decoding, use_cache=use_cache,
+            use_kernel=self.use_kernels,
+        )  # (B, T, inner)
 
         # 3. input-dependent step sizes and B, C; padding gets dt = 0 and x = 0: the state is
         # neither written nor decayed
@@ -163,15 +159,7 @@ class MambaMixer(Mixer):
         return selective_state_step(state, x, dt, A, B, C, D=self.D, z=z)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if not (self.use_kernels and x.is_cuda and x.dtype in KERNEL_DTYPES):
-            return False
-        if selective_scan_fn is None:
-            logger.warning_once(
-                "mamba_ssm is not installed: the Mamba scan runs in PyTorch (slower). "
-                "Install the `gpu` extra for its kernels."
-            )
-            return False
-        return True
+        return kernel_applies(x, self.use_kernels, selective_scan_fn, "Mamba")
 
     def reset_parameters(self) -> None:
         inner, device = self.intermediate_size, self.A_log.device
@@ -186,14 +174,10 @@ class MambaMixer(Mixer):
             init.constant_(self.dt_proj.weight, bound)
         else:
             init.uniform_(self.dt_proj.weight, -bound, bound)
-        log_min, log_max = math.log(self.time_step_min), math.log(self.time_step_max)
-        dt = torch.exp(torch.rand(inner, device=device) * (log_max - log_min) + log_min)
-        dt = dt.clamp(min=self.time_step_floor)
-        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
-        # PyTorch's default conv init: the skeleton's normal(0.02) would all but silence the conv
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        init.copy_(self.dt_proj.bias, time_step_bias(
+            inner, self.time_step_min, self.time_step_max, self.time_step_floor, device
+        ))
+        reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, Mamba-in-the-Llama's attention-to-mixer map
@@ -262,12 +246,7 @@ class MambaMixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("x_proj.weight", x_proj, "initialised", sources, note))
 
-        conv = torch.zeros_like(self.conv1d.weight)  # (inner, 1, W)
-        conv[..., -1] = 1.0
-        assignments.append(Assignment("conv1d.weight", conv, "initialised", [], "pass-through: last tap 1"))
-        if self.conv1d.bias is not None:
-            assignments.append(Assignment("conv1d.bias", torch.zeros_like(self.conv1d.bias), "initialised", [], "zero"))
-        return assignments
+        return assignments + pass_through_conv(self.conv1d)
 
     def _score_factors(self, attention, config) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_N, K_N), each (state_size, hidden) in float64, with Q_Nᵀ K_N the best rank-N
@@ -286,7 +265,4 @@ class MambaMixer(Mixer):
 
     @staticmethod
     def _per_head(weight: torch.Tensor, config) -> torch.Tensor:
-        """Rows of key/value heads (Hkv * hd, ...) repeated to every head (H * hd, ...), as
-        grouped-query attention reads them."""
-        groups = config.num_attention_heads // config.num_key_value_heads
-        return weight.unflatten(0, (config.num_key_value_heads, -1)).repeat_interleave(groups, dim=0).flatten(0, 1)
+        return repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)

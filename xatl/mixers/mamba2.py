@@ -30,16 +30,20 @@ every head its own query and (shared) key.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import logging
 
 from xatl.mixers.base import Assignment, Mixer
-from xatl.ops.causal_conv import causal_conv1d, causal_conv1d_step
+from xatl.mixers.shared import (
+    conv_silu,
+    kernel_applies,
+    pass_through_conv,
+    repeat_kv_heads,
+    reset_conv_,
+    time_step_bias,
+)
 from xatl.ops.simple_gla import chunk_simple_gla, simple_gla_step
 
 try:
@@ -47,9 +51,6 @@ try:
 except ImportError:
     mamba_chunk_scan_combined = None
 
-logger = logging.get_logger(__name__)
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GatedRMSNorm(nn.Module):
@@ -174,17 +175,10 @@ class Mamba2Mixer(Mixer):
         z, xbc, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
 
         # 2. causal depthwise convolution over [x, B, C], then SiLU
-        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (conv_dim, W), (conv_dim,)
-        if length == 1 and state is not None:
-            xbc, conv_state = causal_conv1d_step(
-                xbc[:, 0], state["conv"], weight, bias, activation="silu", use_kernel=self.use_kernels
-            )
-            xbc = xbc[:, None]  # (B, 1, conv_dim)
-        else:
-            xbc, conv_state = causal_conv1d(
-                xbc, weight, bias, activation="silu", initial_state=None if state is None else state["conv"],
-                output_final_state=use_cache, use_kernel=self.use_kernels,
-            )
+        xbc, conv_state = conv_silu(
+            xbc, self.conv1d, None if state is None else state["conv"], decoding=length == 1 and state is not None,
+            use_cache=use_cache, use_kernel=self.use_kernels,
+        )  # (B, T, conv_dim)
         group_size = self.n_groups * self.state_size
         x, B, C = xbc.split([self.inner_size, group_size, group_size], dim=-1)
         x = x.reshape(batch, length, self.num_heads, self.head_dim)  # (B, T, H, P)
@@ -218,31 +212,19 @@ class Mamba2Mixer(Mixer):
         return groups.repeat_interleave(self.num_heads // self.n_groups, dim=2)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if not (self.use_kernels and x.is_cuda and x.dtype in KERNEL_DTYPES):
-            return False
-        if mamba_chunk_scan_combined is None:
-            logger.warning_once(
-                "mamba_ssm is not installed: the Mamba-2 scan runs in PyTorch (slower). "
-                "Install the `gpu` extra for its kernels."
-            )
-            return False
-        return True
+        return kernel_applies(x, self.use_kernels, mamba_chunk_scan_combined, "Mamba-2")
 
     def reset_parameters(self) -> None:
         heads, device = self.num_heads, self.A_log.device
         # A = -exp(A_log) spread over [-16, -1]: heads that forget at different rates
         init.copy_(self.A_log, torch.empty(heads, device=device).uniform_(1, 16).log())
         # dt log-uniform in [time_step_min, time_step_max], floored; dt_bias = softplus⁻¹(dt)
-        log_min, log_max = math.log(self.time_step_min), math.log(self.time_step_max)
-        dt = torch.exp(torch.rand(heads, device=device) * (log_max - log_min) + log_min)
-        dt = dt.clamp(min=self.time_step_floor)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init.copy_(self.dt_bias, time_step_bias(
+            heads, self.time_step_min, self.time_step_max, self.time_step_floor, device
+        ))
         init.ones_(self.D)
         init.ones_(self.norm.weight)
-        # PyTorch's default conv init: the skeleton's normal(0.02) would all but silence the conv
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, as in Mamba-in-the-Llama, the x / B / C rows of
@@ -262,11 +244,8 @@ class Mamba2Mixer(Mixer):
         if not include_qkv:
             return assignments
 
-        heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
-
-        def per_head(weight):  # key/value heads repeated to every head, as grouped-query attention reads them
-            rows = weight.reshape(kv_heads, -1, hidden).repeat_interleave(heads // kv_heads, dim=0)
-            return rows.reshape(-1, hidden)  # (H * P, hidden)
+        def per_head(weight):  # (Hkv * P, hidden) -> (H * P, hidden)
+            return repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)
 
         weight = self.in_proj.weight.detach().clone()
         x_start = self.inner_size
@@ -285,13 +264,7 @@ class Mamba2Mixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("in_proj.weight", weight, "initialised", sources, note))
 
-        conv = torch.zeros_like(self.conv1d.weight)  # (conv_dim, 1, W)
-        conv[..., -1] = 1.0
-        assignments.append(Assignment("conv1d.weight", conv, "initialised", [], "pass-through: last tap 1"))
-        if self.conv1d.bias is not None:
-            zeros = torch.zeros_like(self.conv1d.bias)
-            assignments.append(Assignment("conv1d.bias", zeros, "initialised", [], "zero"))
-        return assignments
+        return assignments + pass_through_conv(self.conv1d)
 
     def _check_transferable(self, config, include_qkv: bool) -> None:
         attention_width = config.num_attention_heads * config.head_dim

@@ -26,6 +26,7 @@ from transformers import initialization as init
 
 from xatl.mixers.base import Assignment, Mixer
 from xatl.mixers.rotary import apply_rotary, rotary_cos_sin
+from xatl.mixers.shared import repeat_kv_heads
 from xatl.ops.gla import chunk_gla, gla_step
 from xatl.ops.simple_gla import chunk_simple_gla, simple_gla_step
 
@@ -197,8 +198,7 @@ class RetentionMixer(Mixer):
         repeat = self.num_heads // source_heads
         if repeat == 1:
             return Assignment(name, tensor, "copied", [name])
-        blocks = tensor.reshape(source_heads, -1, *tensor.shape[1:])  # (Hkv, head_dim[, hidden])
-        value = blocks.repeat_interleave(repeat, dim=0).flatten(0, 1)  # (H * head_dim[, hidden])
+        value = repeat_kv_heads(tensor, source_heads, self.num_heads)  # (H * head_dim[, hidden])
         note = f"each of the {source_heads} key/value heads repeated for its {repeat} query heads"
         return Assignment(name, value, "initialised", [name], note)
 
