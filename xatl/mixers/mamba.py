@@ -20,15 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from xatl.mixers import shared
 from xatl.mixers.base import Assignment, Mixer
-from xatl.mixers.shared import (
-    conv_silu,
-    kernel_applies,
-    pass_through_conv,
-    repeat_kv_heads,
-    reset_conv_,
-    time_step_bias,
-)
 from xatl.ops.selective_scan import selective_scan, selective_state_step
 
 try:
@@ -106,7 +99,7 @@ class MambaMixer(Mixer):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, inner) each
 
         # 2. causal depthwise convolution, then SiLU
-        x, conv_state = conv_silu(
+        x, conv_state = shared.conv_silu(
             x, self.conv1d, None if state is None else state["conv"], decoding=decoding, use_cache=use_cache,
             use_kernel=self.use_kernels,
         )  # (B, T, inner)
@@ -159,7 +152,7 @@ class MambaMixer(Mixer):
         return selective_state_step(state, x, dt, A, B, C, D=self.D, z=z)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        return kernel_applies(x, self.use_kernels, selective_scan_fn, "Mamba")
+        return shared.kernel_applies(x, self.use_kernels, selective_scan_fn, "Mamba")
 
     def reset_parameters(self) -> None:
         inner, device = self.intermediate_size, self.A_log.device
@@ -174,10 +167,10 @@ class MambaMixer(Mixer):
             init.constant_(self.dt_proj.weight, bound)
         else:
             init.uniform_(self.dt_proj.weight, -bound, bound)
-        init.copy_(self.dt_proj.bias, time_step_bias(
+        init.copy_(self.dt_proj.bias, shared.time_step_bias(
             inner, self.time_step_min, self.time_step_max, self.time_step_floor, device
         ))
-        reset_conv_(self.conv1d)
+        shared.reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, Mamba-in-the-Llama's attention-to-mixer map
@@ -246,7 +239,7 @@ class MambaMixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("x_proj.weight", x_proj, "initialised", sources, note))
 
-        return assignments + pass_through_conv(self.conv1d)
+        return assignments + shared.pass_through_conv(self.conv1d)
 
     def _score_factors(self, attention, config) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_N, K_N), each (state_size, hidden) in float64, with Q_Nᵀ K_N the best rank-N
@@ -265,4 +258,4 @@ class MambaMixer(Mixer):
 
     @staticmethod
     def _per_head(weight: torch.Tensor, config) -> torch.Tensor:
-        return repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)
+        return shared.repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)

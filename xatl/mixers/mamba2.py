@@ -35,15 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from xatl.mixers import shared
 from xatl.mixers.base import Assignment, Mixer
-from xatl.mixers.shared import (
-    conv_silu,
-    kernel_applies,
-    pass_through_conv,
-    repeat_kv_heads,
-    reset_conv_,
-    time_step_bias,
-)
 from xatl.ops.simple_gla import chunk_simple_gla, simple_gla_step
 
 try:
@@ -175,7 +168,7 @@ class Mamba2Mixer(Mixer):
         z, xbc, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
 
         # 2. causal depthwise convolution over [x, B, C], then SiLU
-        xbc, conv_state = conv_silu(
+        xbc, conv_state = shared.conv_silu(
             xbc, self.conv1d, None if state is None else state["conv"], decoding=length == 1 and state is not None,
             use_cache=use_cache, use_kernel=self.use_kernels,
         )  # (B, T, conv_dim)
@@ -212,19 +205,19 @@ class Mamba2Mixer(Mixer):
         return groups.repeat_interleave(self.num_heads // self.n_groups, dim=2)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        return kernel_applies(x, self.use_kernels, mamba_chunk_scan_combined, "Mamba-2")
+        return shared.kernel_applies(x, self.use_kernels, mamba_chunk_scan_combined, "Mamba-2")
 
     def reset_parameters(self) -> None:
         heads, device = self.num_heads, self.A_log.device
         # A = -exp(A_log) spread over [-16, -1]: heads that forget at different rates
         init.copy_(self.A_log, torch.empty(heads, device=device).uniform_(1, 16).log())
         # dt log-uniform in [time_step_min, time_step_max], floored; dt_bias = softplus⁻¹(dt)
-        init.copy_(self.dt_bias, time_step_bias(
+        init.copy_(self.dt_bias, shared.time_step_bias(
             heads, self.time_step_min, self.time_step_max, self.time_step_floor, device
         ))
         init.ones_(self.D)
         init.ones_(self.norm.weight)
-        reset_conv_(self.conv1d)
+        shared.reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, as in Mamba-in-the-Llama, the x / B / C rows of
@@ -245,7 +238,7 @@ class Mamba2Mixer(Mixer):
             return assignments
 
         def per_head(weight):  # (Hkv * P, hidden) -> (H * P, hidden)
-            return repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)
+            return shared.repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)
 
         weight = self.in_proj.weight.detach().clone()
         x_start = self.inner_size
@@ -264,7 +257,7 @@ class Mamba2Mixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("in_proj.weight", weight, "initialised", sources, note))
 
-        return assignments + pass_through_conv(self.conv1d)
+        return assignments + shared.pass_through_conv(self.conv1d)
 
     def _check_transferable(self, config, include_qkv: bool) -> None:
         attention_width = config.num_attention_heads * config.head_dim
