@@ -54,14 +54,18 @@ class DecodeBatch:
     # ---- forward -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MixerState | None]]:
-        """Process one prompt (1, T) in the parallel/chunked form of every mixer.
+    def prefill(
+        self, input_ids: torch.Tensor, states: list[MixerState | None] | None = None, start: int = 0
+    ) -> tuple[torch.Tensor, list[MixerState | None]]:
+        """Process one prompt (1, T) in the parallel/chunked form of every mixer, or its next chunk:
+        `states` are those after its first `start` tokens (None: a fresh prompt).
 
-        Returns the logits of the last position (1, V) and the per-layer states after the prompt.
+        Returns the logits of the last position (1, V) and the per-layer states after these tokens.
         """
         length = input_ids.shape[1]
-        position_ids = torch.arange(length, device=self.device)[None]  # (1, T)
-        return self.model.decode_step(input_ids.to(self.device), [None] * len(self.mixers), position_ids)
+        position_ids = torch.arange(start, start + length, device=self.device)[None]  # (1, T)
+        states = [None] * len(self.mixers) if states is None else states
+        return self.model.decode_step(input_ids.to(self.device), states, position_ids)
 
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
