@@ -1,14 +1,17 @@
 """Decode speed of the engine before and after a refactor, side by side in one run (issue 15).
 
 The code before (a commit, default 52e40a3: the engine's own forward over the layers) is checked out
-into a temporary git worktree; two worker processes import `xatl` from that worktree and from this
-checkout, build the same models with the same seeds, admit the same prompts into an `Engine`, and
-then take turns: each round the driver asks one side, then the other (the order alternating), for a
-block of decode steps (`Engine.step`: one batched token for every stream, sampled and detokenised),
-timed step by step. Only one side runs at a time, so they never compete for the cores. The median
-step of each side gives decode tokens/s; the result is the ratio after / before (> 1: faster).
+into a temporary git worktree; worker processes import `xatl` from that worktree ("before") and from
+this checkout ("after", and "control": a second process of the same code), build the same models
+with the same seeds, admit the same prompts into an `Engine`, and then take turns: each round the
+driver asks each side in turn (the order rotating) for a block of decode steps (`Engine.step`: one
+batched token for every stream, sampled and detokenised), timed step by step. Only one side runs at
+a time, so they never compete for the cores. Each round gives a paired ratio of block medians,
+before / after (decode speed after over before: > 1 is faster) and after / control (the same code
+against itself: how far noise alone moves the ratio on this machine); the medians over rounds are
+reported beside the ratio of the overall medians.
 
-    python bench/generation/house.py                      # ~5 min on 2 busy cores
+    python bench/generation/house.py                      # ~15 min on 2 busy cores
     python bench/generation/house.py --rounds 5 --block 10 --cases gla-stories260K-b1   # a quick look
 """
 
@@ -129,8 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before-commit", default="52e40a3", help="the code before (a commit of this repository)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--block", type=int, default=20, help="decode steps per turn")
+    parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--block", type=int, default=8, help="decode steps per turn")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("XATL_DATA_DIR") or str(REPO.parent / "shared" / "data"))
@@ -148,13 +151,18 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before_commit], cwd=REPO,
                        check=True, capture_output=True)
         try:
-            sides = {"before": Side("before", before_tree, args), "after": Side("after", REPO, args)}
+            sides = {"before": Side("before", before_tree, args), "after": Side("after", REPO, args),
+                     "control": Side("control", REPO, args)}
             steps = {role: {name: [] for name in args.cases} for role in sides}
+            blocks = {role: {name: [] for name in args.cases} for role in sides}  # each block's median
+            roles = list(sides)
             for round_index in range(args.rounds):
-                order = ["before", "after"] if round_index % 2 == 0 else ["after", "before"]
+                order = roles[round_index % 3:] + roles[: round_index % 3]
                 for name in args.cases:
                     for role in order:
-                        steps[role][name] += sides[role].block(name, args.block)
+                        times = sides[role].block(name, args.block)
+                        steps[role][name] += times
+                        blocks[role][name].append(statistics.median(times))
                 print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             admit = {role: side.hello["admit_s"] for role, side in sides.items()}
             for side in sides.values():
@@ -173,7 +181,11 @@ def main() -> None:
             **{f"{role}_step_median_s": medians[role] for role in medians},
             **{f"{role}_decode_tokens_per_s": streams / medians[role] for role in medians},
             **{f"{role}_admit_s": admit[role][name] for role in admit},
-            "decode_ratio_after_over_before": medians["before"] / medians["after"],
+            "decode_ratio_after_over_before": statistics.median(
+                b / a for b, a in zip(blocks["before"][name], blocks["after"][name])),
+            "control_ratio_after_over_control": statistics.median(
+                c / a for c, a in zip(blocks["control"][name], blocks["after"][name])),
+            "ratio_of_medians_after_over_before": medians["before"] / medians["after"],
             "steps_per_side": len(steps["after"][name]),
         }
     payload = {"environment": env, "before_commit": args.before_commit,
@@ -181,19 +193,27 @@ def main() -> None:
     lines = [
         "# Engine decode before and after issue 15 (the engine through `decode_step`)",
         "",
-        f"Before: commit {args.before_commit}; after: this commit. Both sides in one run, in separate processes "
-        f"taking turns ({args.rounds} rounds of {args.block} steps each, the order alternating), "
-        f"{args.threads} torch thread(s); medians of the step times. Ratio > 1: the refactored engine is faster.",
+        f"Before: commit {args.before_commit}; after: this commit; control: this commit again, in a third process. "
+        f"All in one run, in separate processes taking turns ({args.rounds} rounds of {args.block} steps each, "
+        f"the order rotating), {args.threads} torch thread(s). Ratios are of decode speed, paired round by round "
+        f"(medians of the rounds' block-median ratios); > 1: after is faster. The control ratio shows what noise "
+        f"alone does to a ratio on this machine.",
         "",
-        "| case | streams | before tok/s | after tok/s | decode ratio (after/before) |",
-        "|---|---|---|---|---|",
+        "| case | streams | before tok/s | after tok/s | control tok/s | decode ratio after/before "
+        "(median of rounds) | ratio of medians | control ratio after/control (noise) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in cases.items():
         lines.append(f"| {name} | {row['streams']} | {row['before_decode_tokens_per_s']:.1f} | "
-                     f"{row['after_decode_tokens_per_s']:.1f} | {row['decode_ratio_after_over_before']:.3f} |")
+                     f"{row['after_decode_tokens_per_s']:.1f} | {row['control_decode_tokens_per_s']:.1f} | "
+                     f"{row['decode_ratio_after_over_before']:.3f} | {row['ratio_of_medians_after_over_before']:.3f} | "
+                     f"{row['control_ratio_after_over_control']:.3f} |")
     ratios = [row["decode_ratio_after_over_before"] for row in cases.values()]
-    lines += ["", f"Geometric mean of the decode ratios: {statistics.geometric_mean(ratios):.3f}."]
+    controls = [row["control_ratio_after_over_control"] for row in cases.values()]
     payload["geometric_mean_decode_ratio"] = statistics.geometric_mean(ratios)
+    payload["geometric_mean_control_ratio"] = statistics.geometric_mean(controls)
+    lines += ["", f"Geometric mean of the decode ratios: {payload['geometric_mean_decode_ratio']:.3f}; of the "
+              f"control ratios (the same code against itself): {payload['geometric_mean_control_ratio']:.3f}."]
     folder = write_results("generation/house", payload, "\n".join(lines))
     print("\n".join(lines))
     print(f"written to {folder.relative_to(REPO)}")
