@@ -3,8 +3,9 @@ transfer learning. `import xatl` registers the model with transformers' `Auto*` 
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from xatl.artifacts import read_transfer_report
 from xatl.config import XatlConfig
-from xatl.convert import Conversion, convert, read_transfer_report
+from xatl.convert import Conversion, convert
 from xatl.donors import Donor, load_donor
 from xatl.model import XatlCache, XatlForCausalLM, XatlModel
 

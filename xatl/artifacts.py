@@ -92,6 +92,29 @@ def read_transfer_report(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+#: what a transfer report says of a tensor: "copied" (bit-identical to a donor tensor), "initialised"
+#: (derived from donor tensors), "set" (a fixed value with no donor source) or "random"
+TENSOR_ORIGINS = ("copied", "initialised", "set", "random")
+
+
+def read_tensor_origins(model_dir: str | Path) -> dict[str, str]:
+    """`{tensor name: origin}` from the transfer report beside a converted model.
+
+    The one place that knows the report's layout (`{"tensors": [{"name", "origin", ...}, ...]}`).
+    Tied tensors (the LM head tied to the embeddings) are left out: they share the parameter of
+    the tensor they are tied to, which is reported under its own name.
+    """
+    path = Path(model_dir) / TRANSFER_REPORT
+    tensors = read_transfer_report(model_dir).get("tensors")
+    if not isinstance(tensors, list):
+        raise ValueError(f"{path}: expected a 'tensors' list")
+    origins = {entry["name"]: entry["origin"] for entry in tensors if entry["origin"] != "tied"}
+    unknown = set(origins.values()) - set(TENSOR_ORIGINS)
+    if unknown:
+        raise ValueError(f"{path}: unknown origin(s) {sorted(unknown)}")
+    return origins
+
+
 def model_card(*, name: str, base_model: str | None, tags: list[str], datasets: list[str], summary: str,
                figures: dict | None = None) -> str:
     """A Hugging Face model card: YAML front matter, then what the model is and what was measured."""
@@ -122,6 +145,7 @@ def _cell(value) -> str:
 
 
 __all__ = [
-    "LOSS_CURVE", "METRICS_FILE", "MODEL_CARD", "RESULT_FILE", "TRANSFER_REPORT", "model_card", "publish",
-    "read_json", "read_transfer_report", "remove_tree", "staging_dir", "write_atomic", "write_json_atomic",
+    "LOSS_CURVE", "METRICS_FILE", "MODEL_CARD", "RESULT_FILE", "TENSOR_ORIGINS", "TRANSFER_REPORT", "model_card",
+    "publish", "read_json", "read_tensor_origins", "read_transfer_report", "remove_tree", "staging_dir",
+    "write_atomic", "write_json_atomic",
 ]

@@ -4,12 +4,17 @@ The skeleton fields use transformers' names (`hidden_size`, `num_key_value_heads
 `layer_mixers`, one mixer name per layer ("attention" keeps the donor's attention; "mamba2",
 "mamba", "retention", "gla" replace it), and `mixer_options`, the resolved hyperparameters of each
 mixer used (defaults derived from the attention shape, so that Q/K/V/O map onto the mixer).
+
+The config is plain data: it imports nothing of xatl but `xatl.mixer_options` (torch-free, beside
+it), which resolves the options once, here; the mixers read them as they are.
 """
 
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+from xatl.mixer_options import resolve_mixer_options
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("gated", "plain")
@@ -82,7 +87,7 @@ class XatlConfig(PreTrainedConfig):
         if self.layer_mixers is None:
             self.layer_mixers = ["attention"] * self.num_hidden_layers
         self._validate_skeleton()
-        self.mixer_options = self._resolve_mixer_options(self.mixer_options or {})
+        self.mixer_options = resolve_mixer_options(self, self.mixer_options or {})
         super().__post_init__(**kwargs)
 
     def _validate_skeleton(self) -> None:
@@ -108,18 +113,6 @@ class XatlConfig(PreTrainedConfig):
                 f"layer_mixers has {len(self.layer_mixers)} entries but num_hidden_layers is "
                 f"{self.num_hidden_layers}"
             )
-
-    def _resolve_mixer_options(self, given: dict) -> dict:
-        """Fill each used mixer's options with its defaults; refuse options for unused mixers."""
-        from xatl.mixers import get_mixer_class  # mixers need the config type: import late
-
-        unused = set(given) - set(self.layer_mixers)
-        if unused:
-            raise ValueError(f"mixer_options names mixers not used by any layer: {sorted(unused)}")
-        return {
-            name: get_mixer_class(name).resolve_options(self, dict(given.get(name) or {}))
-            for name in dict.fromkeys(self.layer_mixers)
-        }
 
     @property
     def rotary_dim(self) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from xatl.artifacts import TRANSFER_REPORT, read_transfer_report, write_json_atomic
+from xatl.artifacts import TRANSFER_REPORT, write_json_atomic
 from xatl.donors import Donor, load_donor
 from xatl.model import XatlForCausalLM
 from xatl.transfer import TransferReport, build_target_config, transfer_weights
@@ -63,4 +63,4 @@ def save_conversion(model, tokenizer, report: TransferReport, out: str | Path) -
     return out
 
 
-__all__ = ["Conversion", "convert", "read_transfer_report", "save_conversion"]
+__all__ = ["Conversion", "convert", "save_conversion"]

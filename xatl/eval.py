@@ -94,19 +94,6 @@ def evaluate_text(
     return evaluate_loss(model, blocks, batch_size=batch_size)
 
 
-def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a directory written by `xatl convert` or `xatl train`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import xatl  # noqa: F401  (registers model_type "xatl" with the Auto classes)
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
 def run_lm_eval(
     model_dir: str | Path,
     tasks: Sequence[str],
@@ -143,4 +130,4 @@ def run_lm_eval(
     )
 
 
-__all__ = ["EvalResult", "evaluate_loss", "evaluate_text", "load_model", "run_lm_eval"]
+__all__ = ["EvalResult", "evaluate_loss", "evaluate_text", "run_lm_eval"]

@@ -167,8 +167,7 @@ class XatlModel(XatlPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, past, batch, length, hidden_states.device)
-        if self.config.position_embedding_type == "learned":
-            hidden_states = hidden_states + self.embed_positions(position_ids)
+        hidden_states = self.add_positions(hidden_states, position_ids)
 
         all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
@@ -188,6 +187,12 @@ class XatlModel(XatlPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+    def add_positions(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Learned position embeddings added to the token embeddings; rotary is applied in the mixers."""
+        if self.config.position_embedding_type == "learned":
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        return hidden_states
 
     @staticmethod
     def _position_ids(attention_mask, past: int, batch: int, length: int, device) -> torch.LongTensor:
@@ -212,6 +217,12 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own XatlCache on the first forward with use_cache
+
+    @property
+    def mixers(self) -> list[Mixer]:
+        """Each layer's mixer, whose state contract (`pad_state`, `concat_states`, `select_state`)
+        batches that layer's states."""
+        return [layer.mixer for layer in self.model.layers]
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -258,6 +269,39 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+    def decode_step(
+        self,
+        input_ids: torch.LongTensor,
+        states: list[MixerState | None],
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[MixerState | None]]:
+        """Advance every row by its tokens: the one step the serving engine runs, for a prompt's
+        prefill (states all None, or a chunk after earlier ones) and for decoding (T = 1).
+
+        Args:
+            input_ids: (B, T).
+            states: each layer's state after the earlier tokens (None: a fresh sequence).
+            position_ids: (B, T) absolute positions of these tokens.
+            attention_mask: (B, S) real token slots of the growing states (left padding is 0),
+                these T included; None when no row is padded. Fixed-size states take no mask.
+        Returns:
+            the next-token logits of each row's last position (B, V) and each layer's new state.
+        """
+        hidden_states = self.model.add_positions(self.model.embed_tokens(input_ids), position_ids)  # (B, T, hidden)
+        new_states = []
+        for layer, state in zip(self.model.layers, states):
+            hidden_states, state = layer(
+                hidden_states,
+                position_ids=position_ids,
+                attention_mask=attention_mask if layer.mixer.state_grows else None,
+                state=state,
+                use_cache=True,
+            )
+            new_states.append(state)
+        hidden_states = self.model.norm(hidden_states[:, -1])  # (B, hidden_size)
+        return self.lm_head(hidden_states), new_states  # (B, V)
 
 
 __all__ = ["XatlCache", "XatlForCausalLM", "XatlModel", "XatlPreTrainedModel"]

@@ -45,8 +45,9 @@ from xatl.artifacts import (
     write_atomic,
     write_json_atomic,
 )
+from xatl.loader import pick_device
 from xatl.training.loop import TrainConfig
-from xatl.training.run import TrainingData, TrainingRun, end_distributed, pick_device, run_training, start_distributed
+from xatl.training.run import TrainingData, TrainingRun, end_distributed, run_training, start_distributed
 
 JOB_MARKER = "xatl_job.json"  # in a published model folder: which run made it
 
@@ -239,7 +240,8 @@ class _Stages:
 
     # -- evaluate -------------------------------------------------------------------------------------
     def evaluate(self, model_dir: Path, valid_blocks) -> dict:
-        from xatl.eval import evaluate_loss, load_model, run_lm_eval
+        from xatl.eval import evaluate_loss, run_lm_eval
+        from xatl.loader import load_model
 
         path = self.work_dir / "evaluation.json"
         if (done := read_json(path)) is not None:
@@ -289,15 +291,15 @@ class _Stages:
 
     def _base_model(self):
         """The donor rebuilt with attention everywhere (a conversion), or the base model (a fine-tune)."""
-        from xatl.training.run import load_teacher
+        from xatl.loader import load_teacher
 
         if self.spec.convert is not None:
-            return load_teacher(self.spec.convert.donor, self.spec.convert.tokenizer, self.device).eval()
-        return load_teacher(self.spec.base_model, None, self.device).eval()
+            return load_teacher(self.spec.convert.donor, self.spec.convert.tokenizer, self.device)
+        return load_teacher(self.spec.base_model, None, self.device)
 
     # -- profile --------------------------------------------------------------------------------------
     def profile(self, model_dir: Path) -> dict:
-        from xatl.eval import load_model
+        from xatl.loader import load_model
         from xatl.serving.profile import decode_profile
 
         path = self.work_dir / "profile.json"

@@ -44,14 +44,10 @@ def build_target_config(
     if len(set(attention_layers)) != len(attention_layers):
         raise ValueError(f"attention layers repeat an index: {list(attention_layers)}")
     plan = ["attention" if i in attention_layers else mixer for i in range(layers)]
-    options = {k: v for k, v in (mixer_options or {}).items() if k in plan}
-    unused = set(mixer_options or {}) - set(options)
-    if unused:
-        raise ValueError(f"mixer options given for mixers not in the plan: {sorted(unused)}")
     settings = donor_config.to_dict()
     for key in ("layer_mixers", "mixer_options", "architectures", "model_type", "transformers_version"):
         settings.pop(key, None)
-    return XatlConfig(**settings, layer_mixers=plan, mixer_options=options)
+    return XatlConfig(**settings, layer_mixers=plan, mixer_options=mixer_options)  # options checked there
 
 
 @dataclass

@@ -123,7 +123,8 @@ def run_one(spec: dict) -> dict:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from xatl.eval import evaluate_loss, load_model
+    from xatl.eval import evaluate_loss
+    from xatl.loader import load_model
     from xatl.pipeline import ConvertStage, PipelineSpec, TrainStage, run_pipeline
     from xatl.training import TrainConfig
 

@@ -59,7 +59,7 @@ def test_steps_continue_a_chunked_prefill():
     whole, _ = chunk_gla(q, k, v, g)
     _, state = chunk_gla(q[:, :33], k[:, :33], v[:, :33], g[:, :33], output_final_state=True)
     for t in range(33, 40):
-        state, out = gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=4**-0.5)
+        out, state = gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=4**-0.5)
         torch.testing.assert_close(out, whole[:, t])
 
 

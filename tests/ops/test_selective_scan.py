@@ -39,8 +39,8 @@ def make_inputs(batch=2, channels=5, state_size=4, length=37, dtype=torch.float6
 
 
 def run_both(inputs, chunk_size=None, **flags):
-    fast = selective_scan(**inputs, **flags, return_last_state=True, chunk_size=chunk_size)
-    slow = selective_scan_ref(**inputs, **flags, return_last_state=True)
+    fast = selective_scan(**inputs, **flags, output_final_state=True, chunk_size=chunk_size)
+    slow = selective_scan_ref(**inputs, **flags, output_final_state=True)
     return fast, slow
 
 
@@ -73,29 +73,29 @@ def test_without_softplus_delta_is_the_step_size():
     torch.testing.assert_close(last, ref_last)
 
 
-def test_only_out_without_return_last_state():
+def test_only_out_without_output_final_state():
     inputs = make_inputs(length=9)
-    out = selective_scan(**inputs, delta_softplus=True)
+    out, _ = selective_scan(**inputs, delta_softplus=True)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 9)
-    torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True))
+    torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True)[0])
 
 
 def test_split_sequence_with_carried_state_equals_whole():
     inputs = make_inputs(length=50)
     inputs.pop("initial_state")
-    whole, whole_last = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    whole, whole_last = selective_scan(**inputs, delta_softplus=True, output_final_state=True)
     sequence_args = ("u", "delta", "B", "C", "z")
     first = {k: v[..., :23] if k in sequence_args else v for k, v in inputs.items()}
     second = {k: v[..., 23:] if k in sequence_args else v for k, v in inputs.items()}
-    out1, state = selective_scan(**first, delta_softplus=True, return_last_state=True)
-    out2, last = selective_scan(**second, delta_softplus=True, initial_state=state, return_last_state=True)
+    out1, state = selective_scan(**first, delta_softplus=True, output_final_state=True)
+    out2, last = selective_scan(**second, delta_softplus=True, initial_state=state, output_final_state=True)
     torch.testing.assert_close(torch.cat([out1, out2], -1), whole)
     torch.testing.assert_close(last, whole_last)
 
 
 def test_decode_step_is_one_step_of_the_scan():
     inputs = make_inputs(length=1)
-    out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    out, last = selective_scan(**inputs, delta_softplus=True, output_final_state=True)
     step_out, step_state = selective_state_step(
         inputs["initial_state"], inputs["u"][..., 0], inputs["delta"][..., 0], inputs["A"],
         inputs["B"][..., 0], inputs["C"][..., 0], D=inputs["D"], z=inputs["z"][..., 0],
@@ -108,9 +108,9 @@ def test_decode_step_is_one_step_of_the_scan():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_float32(dtype):
     inputs = make_inputs(length=40)
-    reference, ref_last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    reference, ref_last = selective_scan_ref(**inputs, delta_softplus=True, output_final_state=True)
     low = {k: v.to(dtype) for k, v in inputs.items()}
-    out, last = selective_scan(**low, delta_softplus=True, return_last_state=True)
+    out, last = selective_scan(**low, delta_softplus=True, output_final_state=True)
     assert out.dtype == dtype and last.dtype == torch.float32
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.double(), reference, atol=tolerance, rtol=tolerance)
@@ -122,9 +122,9 @@ def test_strong_decays_stay_finite_and_close_in_float32():
     below float32's range. The decays are floored above the denormals; what that drops is far
     below float32's precision."""
     inputs = make_inputs(length=200, dt_scale=12.0, seed=1)
-    reference, ref_last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    reference, ref_last = selective_scan_ref(**inputs, delta_softplus=True, output_final_state=True)
     low = {k: v.float().requires_grad_() for k, v in inputs.items()}
-    out, last = selective_scan(**low, delta_softplus=True, return_last_state=True)
+    out, last = selective_scan(**low, delta_softplus=True, output_final_state=True)
     torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(last.double(), ref_last, atol=1e-4, rtol=1e-4)
     grads = torch.autograd.grad(out.square().sum(), list(low.values()))
@@ -162,8 +162,14 @@ def test_matches_mamba_ssm_kernel_outputs_and_grads():
     inputs.pop("initial_state")  # the kernel starts from zeros
     inputs = {k: v.cuda().requires_grad_() for k, v in inputs.items()}
     results = []
-    for scan in (selective_scan_fn, selective_scan):
-        out, last = scan(**inputs, delta_softplus=True, return_last_state=True)
+    def kernel(**inputs):  # mamba_ssm's own keyword for the final state
+        return selective_scan_fn(**inputs, return_last_state=True)
+
+    def ours(**inputs):
+        return selective_scan(**inputs, output_final_state=True)
+
+    for scan in (kernel, ours):
+        out, last = scan(**inputs, delta_softplus=True)
         grads = torch.autograd.grad(out.square().sum(), list(inputs.values()))
         results.append((out, last, *grads))
     for ours, kernel in zip(results[1], results[0]):

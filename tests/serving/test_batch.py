@@ -98,3 +98,21 @@ def test_the_compiled_step_equals_the_eager_step_as_rows_join_and_leave():
                 batch.keep([1])
         tokens = torch.randint(3, VOCAB, (eager.size,), generator=generator)
         torch.testing.assert_close(compiled.step(tokens), eager.step(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
+@pytest.mark.parametrize("chunks", [(8, 8, 7), (1, 13, 9), (20, 3)], ids=["even", "one-token-first", "short-last"])
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_and_states_of_one_prefill(plan, chunks):
+    model = tiny_model(plan, VOCAB)
+    batch = DecodeBatch(model)
+    prompt = torch.randint(3, VOCAB, (1, sum(chunks)), generator=torch.Generator().manual_seed(0))
+    whole_logits, whole_states = batch.prefill(prompt)
+    states, start = None, 0
+    for size in chunks:
+        logits, states = batch.prefill(prompt[:, start : start + size], states, start=start)
+        start += size
+    torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-5)
+    for layer, (state, whole) in enumerate(zip(states, whole_states)):
+        assert state.keys() == whole.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], whole[key], atol=1e-5, rtol=1e-5, msg=f"layer {layer} {key}")

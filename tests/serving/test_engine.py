@@ -225,3 +225,35 @@ def test_from_pretrained_loads_a_saved_model_folder(tmp_path, tokenizer):
     assert run(engine, [1, 5, 6], max_new_tokens=5, **GREEDY)[0] == expected
     with pytest.raises(FileNotFoundError, match="config.json"):
         Engine.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("plan", [PLANS["gla"], PLANS["mamba2+attention"]], ids=["gla", "mamba2+attention"])
+def test_a_running_stream_gets_a_token_for_every_chunk_of_a_long_prompt(tokenizer, plan):
+    """A long prompt is prefilled a chunk per iteration, between the decode steps of the streams
+    already running: they wait one chunk per token, not the whole prompt; and the results are those
+    of engines that prefill every prompt at once."""
+    model = tiny_model(plan, len(tokenizer))
+    short = [1, 5, 6]
+    long = torch.randint(3, len(tokenizer), (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    one_shot = Engine(model, tokenizer, background=False, prefill_chunk=None)
+    expected = [run(one_shot, prompt, max_new_tokens=n, **GREEDY)[0] for prompt, n in ((short, 12), (long, 3))]
+
+    engine = Engine(model, tokenizer, background=False, prefill_chunk=8)
+    running = engine.submit(short, SamplingParams(max_new_tokens=12, **GREEDY))
+    engine.step()
+    engine.step()  # the short stream runs
+    submitted = time.perf_counter()
+    waiting = engine.submit(long, SamplingParams(max_new_tokens=3, **GREEDY))
+    long_events = list(waiting)  # drives the engine: five chunks of 8, then its tokens
+    short_events = list(running)
+    first_long = long_events[0].time
+    # one token of the running stream for each of the four chunks before the last one
+    assert sum(submitted < e.time < first_long for e in short_events) == 4
+    assert [e.token_id for e in short_events] == expected[0]
+    assert [e.token_id for e in long_events] == expected[1]
+    assert engine.stats() == EngineStats(running=0, waiting=0, state_bytes=0)
+
+
+def test_prefill_chunk_must_be_positive(tokenizer):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(tiny_model(PLANS["gla"], len(tokenizer)), tokenizer, prefill_chunk=0)

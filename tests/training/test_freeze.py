@@ -5,7 +5,7 @@ from training_fixtures import corpus_blocks, parameters, skeleton_names, tiny_mo
 
 from xatl.convert import convert
 from xatl.donors.spec import Donor
-from xatl.training import TrainConfig, parse_freeze, read_transfer_report, train, transferred_names
+from xatl.training import TrainConfig, parse_freeze, read_tensor_origins, train, transferred_names
 from xatl.training.freeze import FixedSteps, LossImprovementThreshold, NoFreeze, WeightNormPeak
 
 
@@ -77,7 +77,7 @@ def _donor():
 def test_transferred_names_follow_the_report_convert_writes(tmp_path, mode):
     result = convert(_donor(), mixer="mamba2", attention_layers=[1], transfer=mode, out=tmp_path)
     report = {t.name: t.origin for t in result.report.tensors}
-    origins = read_transfer_report(tmp_path)
+    origins = read_tensor_origins(tmp_path)
     assert set(origins) == {n for n, o in report.items() if o != "tied"}
     copied = transferred_names(origins)
     assert copied == {n for n, o in report.items() if o == "copied"}
@@ -90,7 +90,7 @@ def test_transferred_names_follow_the_report_convert_writes(tmp_path, mode):
 
 def test_missing_report_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="transfer_report.json"):
-        read_transfer_report(tmp_path)
+        read_tensor_origins(tmp_path)
 
 
 def test_steps_schedule_holds_transferred_weights_then_trains_them(tokenizer):

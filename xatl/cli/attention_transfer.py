@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from xatl.artifacts import TRANSFER_REPORT as REPORT_FILE
     from xatl.data import TextBlocks, resolve_paths
-    from xatl.eval import load_model
+    from xatl.loader import load_model, load_teacher, pick_device
     from xatl.training.attention_transfer import AttentionTransferConfig, attention_transfer
 
     model_dir, out = Path(args.model_dir), Path(args.out)
@@ -75,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
     resolve_paths(args.data + (args.valid_data or []))  # a wrong path fails now, not after loading
     transformers_logging.disable_progress_bar()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # long products of decays underflow; denormals slow CPUs severalfold
+    device = pick_device(args.device)
 
     model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
     teacher = load_teacher(args.teacher, args.teacher_tokenizer, device)
@@ -117,21 +115,6 @@ def run(args: argparse.Namespace) -> int:
                       "valid_loss": result.valid_loss, "layer_losses": result.layer_losses,
                       "stopped": result.stopped, "out": str(out)}))
     return 0
-
-
-def load_teacher(source: str, tokenizer: str | None, device):
-    """The donor as an all-attention `XatlForCausalLM` in float32: a saved xatl model directory, or
-    any donor `xatl.donors.load_donor` reads, rebuilt by converting it with attention everywhere."""
-    import torch
-
-    from xatl.convert import convert
-    from xatl.model import XatlForCausalLM
-
-    path = Path(source)
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "xatl":
-        return XatlForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    teacher = convert(source, tokenizer=tokenizer, mixer="attention", transfer="xatl").model
-    return teacher.to(device=device, dtype=torch.float32)
 
 
 def _layer_list(text: str) -> list[int]:

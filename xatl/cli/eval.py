@@ -23,14 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from xatl.eval import evaluate_text
+    from xatl.loader import load_model
 
-    from xatl.eval import evaluate_text, load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        torch.set_flush_denormal(True)  # long products of decays underflow; denormals slow CPUs severalfold
-    model, tokenizer = load_model(args.model_dir, device=device)
+    model, tokenizer = load_model(args.model_dir, device=args.device)
     result = evaluate_text(model, tokenizer, args.data, block_size=args.block_size, batch_size=args.batch_size,
                            text_field=args.text_field)
     if args.json:

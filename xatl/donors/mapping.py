@@ -10,7 +10,7 @@ arguments, and a weight map: a table from checkpoint names to canonical names (t
   Conv1D transposed, interleaved RoPE rows permuted).
 
 `map_weights` applies the table, refuses any checkpoint name the table does not know, then checks
-the result against a `XatlForCausalLM` built for the config on the meta device: every tensor the
+the result against the canonical layout of the config (`spec.canonical_shapes`): every tensor the
 model needs is present, none is extra, every shape fits.
 """
 
@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from xatl.config import XatlConfig
-from xatl.donors.spec import DonorError
-from xatl.model import XatlForCausalLM
+from xatl.donors.spec import DonorError, canonical_shapes
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _UNKNOWN = object()  # a checkpoint name the weight map does not know
@@ -180,7 +179,7 @@ def map_weights(
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise DonorError(f"unknown tensor(s) in the {family.model_type} checkpoint: {shown}")
     _tie_head(state, origins, config)
-    _check_against_model(state, origins, config)
+    _check_against_layout(state, origins, config)
     return state, origins
 
 
@@ -212,9 +211,8 @@ def _tie_head(state: dict, origins: dict, config: XatlConfig) -> None:
     origins["lm_head.weight"] = f"{origins['model.embed_tokens.weight']} (tied)"
 
 
-def _check_against_model(state: dict, origins: dict, config: XatlConfig) -> None:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {name: t.shape for name, t in XatlForCausalLM(config).state_dict().items()}
+def _check_against_layout(state: dict, origins: dict, config: XatlConfig) -> None:
+    expected = canonical_shapes(config)
     missing = [name for name in expected if name not in state]
     if missing:
         raise DonorError(f"the checkpoint lacks tensor(s) the config needs: {', '.join(missing[:5])}")
@@ -225,7 +223,7 @@ def _check_against_model(state: dict, origins: dict, config: XatlConfig) -> None
             "(a bias the config turns off?)"
         )
     for name, shape in expected.items():
-        if state[name].shape != shape:
+        if tuple(state[name].shape) != shape:
             raise DonorError(
                 f"tensor {origins[name]} has shape {tuple(state[name].shape)}, but the config needs "
                 f"{tuple(shape)} for {name}"

@@ -24,6 +24,7 @@ class Attention(Mixer):
 
     name = "attention"
     output_projection = "o_proj"
+    state_grows = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -82,6 +83,16 @@ class Attention(Mixer):
             own = torch.arange(length, device=device)[:, None] + past == torch.arange(total, device=device)
             mask = mask | own[None, None]
         return mask
+
+    def pad_state(self, state, columns):
+        # zero slots before the cache's first token: (B, Hkv, S, hd) -> (B, Hkv, columns + S, hd)
+        return {key: F.pad(t, (0, 0, columns, 0)) for key, t in state.items()} if columns else state
+
+    def select_state(self, state, rows, drop_columns=0):
+        state = super().select_state(state, rows)
+        if drop_columns:
+            state = {key: t[:, :, drop_columns:] for key, t in state.items()}  # (B', Hkv, S - drop, hd)
+        return state
 
     def init_from_attention(self, attention, config, *, include_qkv):
         # A layer that keeps attention receives the donor's attention whole, whatever the mode.

@@ -4,10 +4,16 @@ attention, Mamba, Mamba-2, retention and GLA alike.
 A mixer maps `(B, T, hidden_size) -> (B, T, hidden_size)`. Its recurrent state is a dict of tensors
 with the batch on dim 0; for every linear-cost mixer each tensor has a fixed size, whatever the
 number of tokens seen (attention's key/value cache is the one that grows).
+
+The state contract: states are opaque to everyone but their mixer. Whoever batches sequences (the
+serving engine) joins rows with `concat_states` after `pad_state` (growing states are left-padded
+to one width), and keeps rows with `select_state`; it never reads a state's layout. Options come
+resolved in `config.mixer_options[name]` (see `xatl.mixer_options`); mixers check them no more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,28 +47,9 @@ class Mixer(nn.Module):
     name: ClassVar[str]
     #: parameter of the mixer that plays W_O's role (copied in `xatl` transfer mode)
     output_projection: ClassVar[str]
-
-    @classmethod
-    def default_options(cls, config: XatlConfig) -> dict:
-        """Hyperparameters used when the user gives none, derived from the attention shape."""
-        return {}
-
-    @classmethod
-    def validate_options(cls, config: XatlConfig, options: dict) -> None:
-        """Raise `ValueError` naming the option when a value cannot work."""
-
-    @classmethod
-    def resolve_options(cls, config: XatlConfig, given: dict) -> dict:
-        defaults = cls.default_options(config)
-        unknown = set(given) - set(defaults)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for mixer {cls.name!r}; "
-                f"known: {sorted(defaults)}"
-            )
-        options = {**defaults, **given}
-        cls.validate_options(config, options)
-        return options
+    #: whether the state grows with the tokens seen (attention's cache: one column per token, left
+    #: padding masked) or keeps one size (every linear-cost mixer)
+    state_grows: ClassVar[bool] = False
 
     def forward(
         self,
@@ -85,6 +72,23 @@ class Mixer(nn.Module):
             (output (B, T, hidden_size), new state or None)
         """
         raise NotImplementedError
+
+    # ---- the state contract: how batches of states are built (the serving engine's only view) ----
+
+    def pad_state(self, state: MixerState, columns: int) -> MixerState:
+        """`state` with `columns` empty token slots before its first token, so that rows of different
+        lengths share one batch (their `attention_mask` marks the slots as padding). A fixed-size
+        state has no token slots: it is returned as it is."""
+        return state
+
+    def concat_states(self, states: Sequence[MixerState]) -> MixerState:
+        """The rows of `states` (padded to one width) as one batch, in this order."""
+        return {key: torch.cat([state[key] for state in states]) for key in states[0]}
+
+    def select_state(self, state: MixerState, rows: torch.Tensor, drop_columns: int = 0) -> MixerState:
+        """Only `rows` (indices on dim 0, in this order), without the first `drop_columns` token slots
+        (padding that no remaining row needs; fixed-size states have none)."""
+        return {key: tensor.index_select(0, rows) for key, tensor in state.items()}
 
     def init_from_attention(
         self, attention: dict[str, torch.Tensor], config: XatlConfig, *, include_qkv: bool

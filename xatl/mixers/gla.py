@@ -31,8 +31,6 @@ from transformers import initialization as init
 
 from xatl.mixers.retention import RetentionMixer, retention_log_decay
 
-DECAYS = ("scalar", "vector")
-
 
 class GatedLinearAttention(RetentionMixer):
     """Gated linear attention with a fixed-size state {"recurrent_state": (B, H, K, V)}.
@@ -49,28 +47,6 @@ class GatedLinearAttention(RetentionMixer):
     """
 
     name = "gla"
-
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            **super().default_options(config),
-            "use_rope": config.position_embedding_type == "rotary",
-            "decay": "scalar",
-            "gate_low_rank_dim": 16,
-            "gate_logit_normalizer": 16.0,
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        super().validate_options(config, options)
-        if options["decay"] not in DECAYS:
-            raise ValueError(f"gla option decay must be one of {DECAYS}, got {options['decay']!r}")
-        rank = options["gate_low_rank_dim"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"gla option gate_low_rank_dim must be a positive integer, got {rank!r}")
-        normalizer = options["gate_logit_normalizer"]
-        if isinstance(normalizer, bool) or not isinstance(normalizer, int | float) or not normalizer > 0:
-            raise ValueError(f"gla option gate_logit_normalizer must be a positive number, got {normalizer!r}")
 
     def _build_decay(self, config, options: dict) -> None:
         self.decay = options["decay"]

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import logging
 
+from xatl.mixers import shared
 from xatl.mixers.base import Assignment, Mixer
-from xatl.ops.causal_conv import causal_conv1d, causal_conv1d_step
 from xatl.ops.selective_scan import selective_scan, selective_state_step
 
 try:
@@ -31,12 +30,6 @@ try:
 except ImportError:
     selective_scan_fn = selective_state_update = None
 
-logger = logging.get_logger(__name__)
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POSITIVE_INTS = ("state_size", "time_step_rank", "conv_kernel")
-POSITIVE_NUMBERS = ("expand", "time_step_min", "time_step_max", "time_step_scale")
-TIME_STEP_INIT_SCHEMES = ("random", "constant")
 
 
 class MambaMixer(Mixer):
@@ -64,7 +57,7 @@ class MambaMixer(Mixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        options = self.resolve_options(config, dict(config.mixer_options.get(self.name) or {}))
+        options = config.mixer_options[self.name]  # resolved (and checked) by the config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.intermediate_size = round(options["expand"] * config.hidden_size)
@@ -92,55 +85,6 @@ class MambaMixer(Mixer):
         if self.A_log.device.type != "meta":
             self.reset_parameters()
 
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            "expand": 2,
-            "state_size": 16,
-            "time_step_rank": math.ceil(config.hidden_size / 16),
-            "conv_kernel": 4,
-            "use_conv_bias": True,
-            "use_bias": False,
-            "time_step_min": 0.001,
-            "time_step_max": 0.1,
-            "time_step_floor": 1e-4,
-            "time_step_scale": 1.0,
-            "time_step_init_scheme": "random",
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        for key in POSITIVE_INTS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"mamba option {key} must be a positive integer, got {value!r}")
-        for key in POSITIVE_NUMBERS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"mamba option {key} must be a positive number, got {value!r}")
-        inner = options["expand"] * config.hidden_size
-        if inner != round(inner):
-            raise ValueError(
-                f"mamba option expand ({options['expand']}) times hidden_size ({config.hidden_size}) "
-                f"must be a whole number of channels, got {inner}"
-            )
-        for key in ("use_conv_bias", "use_bias"):
-            if not isinstance(options[key], bool):
-                raise ValueError(f"mamba option {key} must be true or false, got {options[key]!r}")
-        if options["time_step_min"] > options["time_step_max"]:
-            raise ValueError(
-                f"mamba option time_step_min ({options['time_step_min']}) must not exceed "
-                f"time_step_max ({options['time_step_max']})"
-            )
-        floor = options["time_step_floor"]
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or floor < 0:
-            raise ValueError(f"mamba option time_step_floor must be a number >= 0, got {floor!r}")
-        if options["time_step_init_scheme"] not in TIME_STEP_INIT_SCHEMES:
-            raise ValueError(
-                f"mamba option time_step_init_scheme must be one of {TIME_STEP_INIT_SCHEMES}, "
-                f"got {options['time_step_init_scheme']!r}"
-            )
-
     def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.
         batch, length, _ = hidden_states.shape
@@ -155,17 +99,10 @@ class MambaMixer(Mixer):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, inner) each
 
         # 2. causal depthwise convolution, then SiLU
-        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (inner, W), (inner,)
-        if decoding:
-            x, conv_state = causal_conv1d_step(
-                x[:, 0], state["conv"], weight, bias, activation="silu", use_kernel=self.use_kernels
-            )
-            x = x[:, None]  # (B, 1, inner)
-        else:
-            x, conv_state = causal_conv1d(
-                x, weight, bias, activation="silu", initial_state=None if state is None else state["conv"],
-                output_final_state=use_cache, use_kernel=self.use_kernels,
-            )
+        x, conv_state = shared.conv_silu(
+            x, self.conv1d, None if state is None else state["conv"], decoding=decoding, use_cache=use_cache,
+            use_kernel=self.use_kernels,
+        )  # (B, T, inner)
 
         # 3. input-dependent step sizes and B, C; padding gets dt = 0 and x = 0: the state is
         # neither written nor decayed
@@ -201,7 +138,7 @@ class MambaMixer(Mixer):
             )
         else:
             y, final_state = selective_scan(
-                u, delta, A, B, C, self.D, z=z, initial_state=initial_state, return_last_state=True
+                u, delta, A, B, C, self.D, z=z, initial_state=initial_state, output_final_state=True
             )
         return y.transpose(1, 2), (final_state if output_final_state else None)
 
@@ -215,15 +152,7 @@ class MambaMixer(Mixer):
         return selective_state_step(state, x, dt, A, B, C, D=self.D, z=z)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if not (self.use_kernels and x.is_cuda and x.dtype in KERNEL_DTYPES):
-            return False
-        if selective_scan_fn is None:
-            logger.warning_once(
-                "mamba_ssm is not installed: the Mamba scan runs in PyTorch (slower). "
-                "Install the `gpu` extra for its kernels."
-            )
-            return False
-        return True
+        return shared.kernel_applies(x, self.use_kernels, selective_scan_fn, "Mamba")
 
     def reset_parameters(self) -> None:
         inner, device = self.intermediate_size, self.A_log.device
@@ -238,14 +167,10 @@ class MambaMixer(Mixer):
             init.constant_(self.dt_proj.weight, bound)
         else:
             init.uniform_(self.dt_proj.weight, -bound, bound)
-        log_min, log_max = math.log(self.time_step_min), math.log(self.time_step_max)
-        dt = torch.exp(torch.rand(inner, device=device) * (log_max - log_min) + log_min)
-        dt = dt.clamp(min=self.time_step_floor)
-        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
-        # PyTorch's default conv init: the skeleton's normal(0.02) would all but silence the conv
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        init.copy_(self.dt_proj.bias, shared.time_step_bias(
+            inner, self.time_step_min, self.time_step_max, self.time_step_floor, device
+        ))
+        shared.reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, Mamba-in-the-Llama's attention-to-mixer map
@@ -314,12 +239,7 @@ class MambaMixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("x_proj.weight", x_proj, "initialised", sources, note))
 
-        conv = torch.zeros_like(self.conv1d.weight)  # (inner, 1, W)
-        conv[..., -1] = 1.0
-        assignments.append(Assignment("conv1d.weight", conv, "initialised", [], "pass-through: last tap 1"))
-        if self.conv1d.bias is not None:
-            assignments.append(Assignment("conv1d.bias", torch.zeros_like(self.conv1d.bias), "initialised", [], "zero"))
-        return assignments
+        return assignments + shared.pass_through_conv(self.conv1d)
 
     def _score_factors(self, attention, config) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_N, K_N), each (state_size, hidden) in float64, with Q_Nᵀ K_N the best rank-N
@@ -338,7 +258,4 @@ class MambaMixer(Mixer):
 
     @staticmethod
     def _per_head(weight: torch.Tensor, config) -> torch.Tensor:
-        """Rows of key/value heads (Hkv * hd, ...) repeated to every head (H * hd, ...), as
-        grouped-query attention reads them."""
-        groups = config.num_attention_heads // config.num_key_value_heads
-        return weight.unflatten(0, (config.num_key_value_heads, -1)).repeat_interleave(groups, dim=0).flatten(0, 1)
+        return shared.repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)

@@ -30,16 +30,13 @@ every head its own query and (shared) key.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import logging
 
+from xatl.mixers import shared
 from xatl.mixers.base import Assignment, Mixer
-from xatl.ops.causal_conv import causal_conv1d, causal_conv1d_step
 from xatl.ops.simple_gla import chunk_simple_gla, simple_gla_step
 
 try:
@@ -47,10 +44,6 @@ try:
 except ImportError:
     mamba_chunk_scan_combined = None
 
-logger = logging.get_logger(__name__)
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POSITIVE_INTS = ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "chunk_size")
 
 
 class GatedRMSNorm(nn.Module):
@@ -107,7 +100,7 @@ class Mamba2Mixer(Mixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        options = self.resolve_options(config, dict(config.mixer_options.get(self.name) or {}))
+        options = config.mixer_options[self.name]  # resolved (and checked) by the config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = options["num_heads"]
@@ -139,50 +132,6 @@ class Mamba2Mixer(Mixer):
         if self.A_log.device.type != "meta":
             self.reset_parameters()
 
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            "num_heads": config.num_attention_heads,
-            "head_dim": config.head_dim,
-            "state_size": config.head_dim,
-            "n_groups": config.num_attention_heads,
-            "conv_kernel": 4,
-            "chunk_size": 64,
-            "use_conv_bias": True,
-            "time_step_min": 0.001,
-            "time_step_max": 0.1,
-            "time_step_floor": 1e-4,
-            "norm_eps": 1e-5,
-            "norm_before_gate": True,
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        for key in POSITIVE_INTS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"mamba2 option {key} must be a positive integer, got {value!r}")
-        if options["num_heads"] % options["n_groups"]:
-            raise ValueError(
-                f"mamba2 option num_heads ({options['num_heads']}) must be a multiple of "
-                f"n_groups ({options['n_groups']})"
-            )
-        for key in ("use_conv_bias", "norm_before_gate"):
-            if not isinstance(options[key], bool):
-                raise ValueError(f"mamba2 option {key} must be true or false, got {options[key]!r}")
-        for key in ("time_step_min", "time_step_max", "norm_eps"):
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"mamba2 option {key} must be a positive number, got {value!r}")
-        if options["time_step_min"] > options["time_step_max"]:
-            raise ValueError(
-                f"mamba2 option time_step_min ({options['time_step_min']}) must not exceed "
-                f"time_step_max ({options['time_step_max']})"
-            )
-        floor = options["time_step_floor"]
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or floor < 0:
-            raise ValueError(f"mamba2 option time_step_floor must be a number >= 0, got {floor!r}")
-
     def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.
         batch, length, _ = hidden_states.shape
@@ -193,7 +142,7 @@ class Mamba2Mixer(Mixer):
         # 4. the scan, then the skip D x
         initial = None if state is None else state["ssm"]
         if decoding:
-            ssm_state, y = simple_gla_step(
+            y, ssm_state = simple_gla_step(
                 self._per_head(C)[:, 0], self._per_head(B)[:, 0], x[:, 0] * dt[:, 0, :, None],
                 dt[:, 0] * A, initial, scale=1.0,
             )
@@ -219,17 +168,10 @@ class Mamba2Mixer(Mixer):
         z, xbc, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
 
         # 2. causal depthwise convolution over [x, B, C], then SiLU
-        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (conv_dim, W), (conv_dim,)
-        if length == 1 and state is not None:
-            xbc, conv_state = causal_conv1d_step(
-                xbc[:, 0], state["conv"], weight, bias, activation="silu", use_kernel=self.use_kernels
-            )
-            xbc = xbc[:, None]  # (B, 1, conv_dim)
-        else:
-            xbc, conv_state = causal_conv1d(
-                xbc, weight, bias, activation="silu", initial_state=None if state is None else state["conv"],
-                output_final_state=use_cache, use_kernel=self.use_kernels,
-            )
+        xbc, conv_state = shared.conv_silu(
+            xbc, self.conv1d, None if state is None else state["conv"], decoding=length == 1 and state is not None,
+            use_cache=use_cache, use_kernel=self.use_kernels,
+        )  # (B, T, conv_dim)
         group_size = self.n_groups * self.state_size
         x, B, C = xbc.split([self.inner_size, group_size, group_size], dim=-1)
         x = x.reshape(batch, length, self.num_heads, self.head_dim)  # (B, T, H, P)
@@ -263,31 +205,19 @@ class Mamba2Mixer(Mixer):
         return groups.repeat_interleave(self.num_heads // self.n_groups, dim=2)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if not (self.use_kernels and x.is_cuda and x.dtype in KERNEL_DTYPES):
-            return False
-        if mamba_chunk_scan_combined is None:
-            logger.warning_once(
-                "mamba_ssm is not installed: the Mamba-2 scan runs in PyTorch (slower). "
-                "Install the `gpu` extra for its kernels."
-            )
-            return False
-        return True
+        return shared.kernel_applies(x, self.use_kernels, mamba_chunk_scan_combined, "Mamba-2")
 
     def reset_parameters(self) -> None:
         heads, device = self.num_heads, self.A_log.device
         # A = -exp(A_log) spread over [-16, -1]: heads that forget at different rates
         init.copy_(self.A_log, torch.empty(heads, device=device).uniform_(1, 16).log())
         # dt log-uniform in [time_step_min, time_step_max], floored; dt_bias = softplus⁻¹(dt)
-        log_min, log_max = math.log(self.time_step_min), math.log(self.time_step_max)
-        dt = torch.exp(torch.rand(heads, device=device) * (log_max - log_min) + log_min)
-        dt = dt.clamp(min=self.time_step_floor)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init.copy_(self.dt_bias, shared.time_step_bias(
+            heads, self.time_step_min, self.time_step_max, self.time_step_floor, device
+        ))
         init.ones_(self.D)
         init.ones_(self.norm.weight)
-        # PyTorch's default conv init: the skeleton's normal(0.02) would all but silence the conv
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            init.zeros_(self.conv1d.bias)
+        shared.reset_conv_(self.conv1d)
 
     def init_from_attention(self, attention, config, *, include_qkv):
         """`out_proj` from W_O; with `include_qkv`, as in Mamba-in-the-Llama, the x / B / C rows of
@@ -307,11 +237,8 @@ class Mamba2Mixer(Mixer):
         if not include_qkv:
             return assignments
 
-        heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
-
-        def per_head(weight):  # key/value heads repeated to every head, as grouped-query attention reads them
-            rows = weight.reshape(kv_heads, -1, hidden).repeat_interleave(heads // kv_heads, dim=0)
-            return rows.reshape(-1, hidden)  # (H * P, hidden)
+        def per_head(weight):  # (Hkv * P, hidden) -> (H * P, hidden)
+            return shared.repeat_kv_heads(weight, config.num_key_value_heads, config.num_attention_heads)
 
         weight = self.in_proj.weight.detach().clone()
         x_start = self.inner_size
@@ -330,13 +257,7 @@ class Mamba2Mixer(Mixer):
         sources = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
         assignments.append(Assignment("in_proj.weight", weight, "initialised", sources, note))
 
-        conv = torch.zeros_like(self.conv1d.weight)  # (conv_dim, 1, W)
-        conv[..., -1] = 1.0
-        assignments.append(Assignment("conv1d.weight", conv, "initialised", [], "pass-through: last tap 1"))
-        if self.conv1d.bias is not None:
-            zeros = torch.zeros_like(self.conv1d.bias)
-            assignments.append(Assignment("conv1d.bias", zeros, "initialised", [], "zero"))
-        return assignments
+        return assignments + shared.pass_through_conv(self.conv1d)
 
     def _check_transferable(self, config, include_qkv: bool) -> None:
         attention_width = config.num_attention_heads * config.head_dim

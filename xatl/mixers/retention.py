@@ -26,10 +26,10 @@ from transformers import initialization as init
 
 from xatl.mixers.base import Assignment, Mixer
 from xatl.mixers.rotary import apply_rotary, rotary_cos_sin
+from xatl.mixers.shared import repeat_kv_heads
 from xatl.ops.gla import chunk_gla, gla_step
 from xatl.ops.simple_gla import chunk_simple_gla, simple_gla_step
 
-POSITIVE_INTS = ("num_heads", "head_dim", "value_head_dim")
 #: rotary base of the mixer's own rotary, for donors without one
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -82,7 +82,7 @@ class RetentionMixer(Mixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        options = self.resolve_options(config, dict(config.mixer_options.get(self.name) or {}))
+        options = config.mixer_options[self.name]  # resolved (and checked) by the config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = options["num_heads"]
@@ -105,36 +105,6 @@ class RetentionMixer(Mixer):
         self.o_proj = nn.Linear(value_size, self.hidden_size, bias=config.attention_out_bias)
         if self.q_proj.weight.device.type != "meta":
             self.reset_parameters()
-
-    @classmethod
-    def default_options(cls, config) -> dict:
-        return {
-            "num_heads": config.num_attention_heads,
-            "head_dim": config.head_dim,
-            "value_head_dim": config.head_dim,
-            "use_rope": True,
-            "decay_range": [5.0, 9.0],
-        }
-
-    @classmethod
-    def validate_options(cls, config, options: dict) -> None:
-        for key in POSITIVE_INTS:
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{cls.name} option {key} must be a positive integer, got {value!r}")
-        if not isinstance(options["use_rope"], bool):
-            raise ValueError(f"{cls.name} option use_rope must be true or false, got {options['use_rope']!r}")
-        decay_range = options["decay_range"]
-        numbers = (
-            isinstance(decay_range, list | tuple)
-            and len(decay_range) == 2
-            and all(isinstance(e, int | float) and not isinstance(e, bool) for e in decay_range)
-        )
-        if not numbers or not 0 < decay_range[0] <= decay_range[1]:
-            raise ValueError(
-                f"{cls.name} option decay_range must be [low, high] with 0 < low <= high "
-                f"(decays 1 - 2**-low ... 1 - 2**-high), got {decay_range!r}"
-            )
 
     def _build_decay(self, config, options: dict) -> None:
         """Parameters of the decay: none, retention's decay is fixed."""
@@ -191,7 +161,7 @@ class RetentionMixer(Mixer):
         initial_state = None if state is None else state["recurrent_state"]
         if q.shape[1] == 1 and initial_state is not None:
             step = gla_step if vector else simple_gla_step
-            new_state, o = step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], initial_state, scale=self.head_dim**-0.5)
+            o, new_state = step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], initial_state, scale=self.head_dim**-0.5)
             return o[:, None].to(v.dtype), new_state  # (B, 1, H, V)
         chunk = chunk_gla if vector else chunk_simple_gla
         return chunk(q, k, v, g, initial_state=initial_state, output_final_state=use_cache)
@@ -228,8 +198,7 @@ class RetentionMixer(Mixer):
         repeat = self.num_heads // source_heads
         if repeat == 1:
             return Assignment(name, tensor, "copied", [name])
-        blocks = tensor.reshape(source_heads, -1, *tensor.shape[1:])  # (Hkv, head_dim[, hidden])
-        value = blocks.repeat_interleave(repeat, dim=0).flatten(0, 1)  # (H * head_dim[, hidden])
+        value = repeat_kv_heads(tensor, source_heads, self.num_heads)  # (H * head_dim[, hidden])
         note = f"each of the {source_heads} key/value heads repeated for its {repeat} query heads"
         return Assignment(name, value, "initialised", [name], note)
 

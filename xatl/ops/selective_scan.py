@@ -152,19 +152,19 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
-    return_last_state: bool = False,
+    output_final_state: bool = False,
     chunk_size: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan over a whole sequence (see the module docstring for shapes).
 
     `chunk_size`: tokens scanned at once (None: about 2^20 / (B * D * N), at least 8).
-    Returns `out` (B, D, L), or `(out, last_state)` with `return_last_state`.
+    Returns `(out (B, D, L), final_state (B, D, N))`; final_state is None unless `output_final_state`.
     """
     # the scan runs in float32 (or float64) whatever autocast is on: its products of many decays lose
     # everything in bf16, and its backward needs the dtypes of its forward
     with torch.autocast(u.device.type, enabled=False):
         out, state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
-    return (out, state) if return_last_state else out
+    return out, (state if output_final_state else None)
 
 
 def _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
@@ -202,9 +202,10 @@ def selective_scan_ref(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
-    return_last_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference: the recurrence one token at a time, with `selective_state_step`."""
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference: the recurrence one token at a time, with `selective_state_step`; returns like
+    `selective_scan`."""
     batch, channels, length = u.shape
     acc = torch.promote_types(u.dtype, torch.float32)
     state = (
@@ -221,7 +222,7 @@ def selective_scan_ref(
         )
         outs.append(out)
     out = torch.stack(outs, dim=-1)  # (B, D, L)
-    return (out, state) if return_last_state else out
+    return out, (state if output_final_state else None)
 
 
 def selective_state_step(

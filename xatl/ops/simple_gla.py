@@ -104,7 +104,7 @@ def naive_simple_gla(
     )
     outs = []
     for t in range(length):
-        state, o = simple_gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=scale)
+        o, state = simple_gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=scale)
         outs.append(o)
     return torch.stack(outs, dim=1).to(v.dtype), (state if output_final_state else None)
 
@@ -113,9 +113,9 @@ def simple_gla_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor, *, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step. q, k (B, H, K); v (B, H, V); g (B, H); state (B, H, K, V) in the
-    accumulation dtype (float32, or float64). Returns (new state, output (B, H, V) in that dtype)."""
+    accumulation dtype (float32, or float64). Returns (output (B, H, V) in that dtype, new state)."""
     acc = state.dtype
     decay = g.to(acc).exp()[..., None, None]
     state = decay * state + k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
     out = torch.einsum("bhk,bhkv->bhv", q.to(acc) * scale, state)
-    return state, out
+    return out, state

@@ -4,7 +4,9 @@ Requests are submitted from any thread (or coroutine) and come back as streams o
 iteration of the engine's loop, on its own thread or driven by the caller:
 1. drops requests whose consumer went away, so their slots are free for this very step,
 2. admits waiting requests up to `max_batch_size`: prefills each prompt in the parallel/chunked form
-   into its state and samples its first token,
+   into its state and samples its first token; at most `prefill_chunk` prompt tokens per iteration,
+   so a long prompt is prefilled over several iterations and the running requests wait at most one
+   chunk for each of their tokens (no head-of-line blocking),
 3. runs one batched decode step for every running request, then samples, detokenises and checks
    stop conditions per request; finished requests leave the batch.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from xatl.loader import load_model
 from xatl.model import XatlForCausalLM
 from xatl.serving.batch import DecodeBatch
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
@@ -183,6 +186,15 @@ class _Sequence:
         return GenerationEvent(text, token, now, finish_reason=reason, figures=figures, error=error)
 
 
+class _Prefill:
+    """A prompt being prefilled chunk by chunk: its states after its first `done` tokens."""
+
+    def __init__(self, sequence: _Sequence):
+        self.sequence = sequence
+        self.states = None
+        self.done = 0
+
+
 class Engine:
     """Continuous-batching generation for one `XatlForCausalLM`.
 
@@ -194,16 +206,21 @@ class Engine:
             whoever reads a stream drives the engine (`step()`), as a command-line tool does.
         compile: compile the decode step with `torch.compile` (True for inductor, or a backend's
             name); prefill stays eager. See `DecodeBatch.compile`.
+        prefill_chunk: prompt tokens prefilled per iteration, between decode steps of the running
+            requests (None: every waiting prompt whole, at once).
     """
 
     def __init__(
         self, model: XatlForCausalLM, tokenizer, *, max_batch_size: int = 64, background: bool = True,
-        compile: bool | str = False,
+        compile: bool | str = False, prefill_chunk: int | None = 512,
     ):
         if not isinstance(model, XatlForCausalLM):
             raise ValueError(f"the engine runs XatlForCausalLM models, got {type(model).__name__}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 (or None), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -214,6 +231,7 @@ class Engine:
             self._batch.compile("inductor" if compile is True else compile)
         self._running: list[_Sequence] = []  # row i of the batch is _running[i]
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: _Prefill | None = None  # the prompt being prefilled, chunk by chunk
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -221,16 +239,12 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
+        cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> Engine:
-        """Load a model folder (as `xatl convert` or `save_pretrained` writes it) and its tokenizer."""
-        from transformers import AutoTokenizer
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
-        model = XatlForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        """Load a model folder (as `xatl convert` or `save_pretrained` writes it) and its tokenizer,
+        with `xatl.loader.load_model` (device None: its rule, a GPU where there is one)."""
+        model, tokenizer = load_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 
     # ---- submitting ------------------------------------------------------------------------------
@@ -286,7 +300,8 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._running), waiting=len(self._waiting), state_bytes=self._state_bytes)
+        waiting = len(self._waiting) + (self._prefilling is not None)
+        return EngineStats(running=len(self._running), waiting=waiting, state_bytes=self._state_bytes)
 
     def step(self) -> bool:
         """One iteration: drop cancelled requests, admit waiting ones, decode one token for all.
@@ -296,7 +311,7 @@ class Engine:
         if self._running:
             self._decode()
         self._state_bytes = self._batch.nbytes()
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._prefilling)
 
     def close(self, reason: str = "the engine was closed") -> None:
         """Stop the loop; requests still queued or running end with an error event saying `reason`."""
@@ -306,7 +321,9 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._work:
-            left, self._waiting = [*self._running, *self._waiting], deque()
+            prefilling = [self._prefilling.sequence] if self._prefilling is not None else []
+            left, self._waiting = [*self._running, *prefilling, *self._waiting], deque()
+            self._prefilling = None
         self._fail(left, reason)
         self._batch.keep([])
         self._running = []
@@ -314,7 +331,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._work:
-                while not (self._closed or self._waiting or self._running):
+                while not (self._closed or self._waiting or self._running or self._prefilling):
                     self._work.wait()
                 if self._closed:
                     return
@@ -328,6 +345,9 @@ class Engine:
             cancelled = [s for s in self._waiting if s.stream.cancelled]
             for sequence in cancelled:
                 self._waiting.remove(sequence)
+        if self._prefilling is not None and self._prefilling.sequence.stream.cancelled:
+            cancelled.append(self._prefilling.sequence)
+            self._prefilling = None
         keep = [i for i, s in enumerate(self._running) if not s.stream.cancelled]
         if len(keep) < len(self._running):
             cancelled += [s for s in self._running if s.stream.cancelled]
@@ -337,24 +357,39 @@ class Engine:
             sequence.stream.push(sequence.finish("", None, "cancelled", self._batch.device))
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch_size:
-            with self._work:
-                if not self._waiting:
+        """Prefill waiting prompts into free slots, `prefill_chunk` tokens of them at the most; a
+        prompt that does not fit goes on at the next iteration from where it stopped."""
+        budget = self.prefill_chunk or float("inf")
+        while budget > 0:
+            if self._prefilling is None:
+                if len(self._running) >= self.max_batch_size:
                     return
-                sequence = self._waiting.popleft()
+                with self._work:
+                    if not self._waiting:
+                        return
+                    self._prefilling = _Prefill(self._waiting.popleft())
+            prefill, sequence = self._prefilling, self._prefilling.sequence
             length = len(sequence.prompt_ids)
+            size = int(min(budget, length - prefill.done))
             try:
-                logits, states = self._batch.prefill(torch.tensor([sequence.prompt_ids]))
+                chunk = torch.tensor([sequence.prompt_ids[prefill.done : prefill.done + size]])
+                logits, prefill.states = self._batch.prefill(chunk, prefill.states, start=prefill.done)
+                prefill.done += size
+                budget -= size
+                if prefill.done < length:
+                    return  # the budget is spent: the rest of this prompt at the next iteration
                 token = int(sample_next_tokens(logits, [sequence.params], [sequence.generator])[0])
             except Exception as error:
                 logger.exception("prefill failed")
+                self._prefilling = None
                 self._fail([sequence], error)
                 continue
+            self._prefilling = None
             sequence.state_fixed_bytes, sequence.state_bytes_per_token = self._batch.sequence_state_bytes(
-                states, length
+                prefill.states, length
             )
             if not self._emit(sequence, token):
-                self._batch.add(states, length)
+                self._batch.add(prefill.states, length)
                 self._running.append(sequence)
 
     def _decode(self) -> None:

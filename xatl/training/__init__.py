@@ -1,6 +1,7 @@
 """Continued training after transfer: the loop, freeze schedules, distillation, checkpoints."""
 
-from xatl.training.freeze import parse_freeze, read_transfer_report, transferred_names
+from xatl.artifacts import read_tensor_origins
+from xatl.training.freeze import parse_freeze, transferred_names
 from xatl.training.loop import METRICS_FILE, TrainConfig, TrainResult, train
 
 __all__ = [
@@ -8,7 +9,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "parse_freeze",
-    "read_transfer_report",
+    "read_tensor_origins",
     "train",
     "transferred_names",
 ]

@@ -19,32 +19,9 @@ releases them:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
-
-from xatl.artifacts import TRANSFER_REPORT
-from xatl.artifacts import read_transfer_report as read_report
-
-ORIGINS = ("copied", "initialised", "set", "random")  # "set": a fixed value with no donor source
-
-
-def read_transfer_report(model_dir: str | Path) -> dict[str, str]:
-    """`{tensor name: origin}` from the transfer report beside a converted model.
-
-    The one place that knows the report's layout (`{"tensors": [{"name", "origin", ...}, ...]}`).
-    Tied tensors (the LM head tied to the embeddings) are left out: they share the parameter of
-    the tensor they are tied to, which is reported under its own name.
-    """
-    tensors = read_report(model_dir).get("tensors")
-    if not isinstance(tensors, list):
-        raise ValueError(f"{Path(model_dir) / TRANSFER_REPORT}: expected a 'tensors' list")
-    origins = {entry["name"]: entry["origin"] for entry in tensors if entry["origin"] != "tied"}
-    unknown = set(origins.values()) - set(ORIGINS)
-    if unknown:
-        raise ValueError(f"{Path(model_dir) / TRANSFER_REPORT}: unknown origin(s) {sorted(unknown)}")
-    return origins
 
 
 def transferred_names(origins: dict[str, str], *, include_initialised: bool = False) -> set[str]:
@@ -178,13 +155,11 @@ def parse_freeze(spec: str) -> FreezeSchedule:
 
 
 __all__ = [
-    "TRANSFER_REPORT",
     "FixedSteps",
     "FreezeSchedule",
     "LossImprovementThreshold",
     "NoFreeze",
     "WeightNormPeak",
     "parse_freeze",
-    "read_transfer_report",
     "transferred_names",
 ]

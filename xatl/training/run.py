@@ -13,7 +13,6 @@ and each process takes its share of every batch; the caller ends the group (`end
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xatl.artifacts import TRANSFER_REPORT
-from xatl.training.freeze import read_transfer_report, transferred_names
+from xatl.artifacts import TRANSFER_REPORT, read_tensor_origins
+from xatl.training.freeze import transferred_names
 from xatl.training.loop import TrainConfig, TrainResult, train
 
 
@@ -65,20 +64,6 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """The run's device: as requested, else this process's GPU (one per process under torchrun),
-    else cpu. On a CPU, denormals are flushed: long products of decays underflow into them and
-    slow CPUs severalfold."""
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and dist.is_initialized():
-        device = torch.device("cuda", dist.get_node_local_rank())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    else:
-        torch.set_flush_denormal(True)
-    return device
-
-
 def run_training(
     run: TrainingRun,
     *,
@@ -93,7 +78,7 @@ def run_training(
     from transformers.utils import logging as transformers_logging
 
     from xatl.data import resolve_paths
-    from xatl.eval import load_model
+    from xatl.loader import load_model, load_teacher, pick_device
 
     config, model_dir, out = run.config, Path(run.model_dir), Path(run.out_dir)
     if config.distill and not run.teacher:
@@ -112,7 +97,7 @@ def run_training(
     model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
     transferred: set[str] = set()
     if (model_dir / TRANSFER_REPORT).is_file():
-        transferred = transferred_names(read_transfer_report(model_dir), include_initialised=run.freeze_initialised)
+        transferred = transferred_names(read_tensor_origins(model_dir), include_initialised=run.freeze_initialised)
     elif config.freeze != "none" or config.transferred_lr_scale != 1.0:
         raise ValueError(f"freezing and transferred_lr_scale need {model_dir / TRANSFER_REPORT} "
                          "(written by `xatl convert`)")
@@ -150,19 +135,5 @@ def _blocks(data: TrainingData, tokenizer, split: str, seed: int):
                       split_by=data.split_by, keep_partial=split == "validation", **common)
 
 
-def load_teacher(source: str, tokenizer: str | None, device):
-    """The donor as an all-attention `XatlForCausalLM`: a saved xatl model folder, or any donor
-    `xatl.donors.load_donor` reads (Hugging Face folder, llama2.c `.bin`), rebuilt by converting it
-    with attention everywhere."""
-    from xatl.convert import convert
-    from xatl.model import XatlForCausalLM
-
-    path = Path(source)
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "xatl":
-        return XatlForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    teacher = convert(source, tokenizer=tokenizer, mixer="attention", transfer="xatl").model
-    return teacher.to(device=device, dtype=torch.float32)
-
-
-__all__ = ["TrainingData", "TrainingRun", "end_distributed", "load_teacher", "pick_device", "run_training",
+__all__ = ["TrainingData", "TrainingRun", "end_distributed", "run_training",
            "start_distributed"]
