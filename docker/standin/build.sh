@@ -9,6 +9,8 @@ root=$(mktemp -d)
 debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian
 tar -C "$root" -c . | docker import - xatl-standin/bookworm:base
 rm -rf "$root"
+cp /etc/ssl/certs/ca-certificates.crt host-ca-certificates.crt  # this machine's CAs, for pip in the builds
 docker build -f python.Dockerfile -t python:3.11-slim-bookworm .
+rm host-ca-certificates.crt
 docker build -f redis.Dockerfile -t redis:7.4-bookworm .
 docker build -f postgres.Dockerfile -t postgres:16-bookworm .
