@@ -34,6 +34,7 @@ from service.config import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 NFS = ROOT / "docker" / "nfs.yml"
+GPU_PER_CONTAINER = ROOT / "docker" / "gpu-per-container.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile", "gpu": ROOT / "docker" / "Dockerfile.gpu"}
 BIN = Path(sys.executable).parent
@@ -81,7 +82,7 @@ def config(env_file) -> dict:
 
 
 def test_compose_accepts_the_files_and_refuses_missing_passwords(env_file, tmp_path):
-    for files in [(COMPOSE,), (COMPOSE, NFS)]:
+    for files in [(COMPOSE,), (COMPOSE, NFS), (COMPOSE, GPU_PER_CONTAINER)]:
         done = compose("--profile", "cpu", "config", "--quiet", env_file=env_file, files=files)
         assert done.returncode == 0, done.stderr
     merged = json.loads(compose("config", "--format", "json", env_file=env_file, files=(COMPOSE, NFS)).stdout)
@@ -98,13 +99,34 @@ def test_compose_files_match_the_compose_specification_schema(config):
     schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema = json.loads(schema_file.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    for path in (COMPOSE, NFS):  # as written (anchors and merge keys resolved by YAML itself)
-        written = yaml.safe_load(path.read_text())
+    for path in (COMPOSE, NFS, GPU_PER_CONTAINER):  # as written (anchors and merge keys resolved by YAML)
+        written = yaml.load(path.read_text(), ComposeLoader)
         errors = [f"{error.json_path}: {error.message}" for error in validator.iter_errors(written)]
         assert errors == [], f"{path.name}: {errors}"
     assert [error.message for error in validator.iter_errors(config)] == []  # and as Compose interpolated it
     wrong = {"services": {"api": {"image": "x", "restart_policy": "always"}}}  # the schema does refuse
     assert list(validator.iter_errors(wrong))
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (`!override`, `!reset`), read as the plain values they tag."""
+
+
+for _tag in ("!override", "!reset"):
+    ComposeLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
+
+
+def test_one_container_per_gpu_names_a_different_gpu_for_each(env_file):
+    done = compose("config", "--format", "json", env_file=env_file, files=(COMPOSE, GPU_PER_CONTAINER))
+    services = json.loads(done.stdout)["services"]
+    workers = {name: s for name, s in services.items() if name.startswith("worker") and "gpu" in s["command"]}
+    devices = {name: s["deploy"]["resources"]["reservations"]["devices"] for name, s in workers.items()}
+    assert len(workers) == 2 and all(len(d) == 1 and d[0]["driver"] == "nvidia" for d in devices.values())
+    assert sorted(d[0]["device_ids"][0] for d in devices.values()) == ["0", "1"]
+    assert all(s["command"][-2:] == ["--gpus", "1"] and s["depends_on"] == services["worker"]["depends_on"]
+               for s in workers.values())
 
 
 # --- the Dockerfiles --------------------------------------------------------------------------------------
@@ -165,7 +187,7 @@ def test_images_run_as_a_user_and_say_what_compose_says(config):
 
 def test_every_xatl_variable_is_a_setting_and_every_setting_is_in_env_example(config):
     settings = setting_names()
-    for path in (COMPOSE, NFS, ENV_EXAMPLE, *DOCKERFILES.values()):
+    for path in (COMPOSE, NFS, GPU_PER_CONTAINER, ENV_EXAMPLE, *DOCKERFILES.values()):
         unknown = set(VARIABLE.findall(path.read_text())) - settings
         assert not unknown, f"{path.name} names {sorted(unknown)}, which no setting reads"
     example = ENV_EXAMPLE.read_text()
