@@ -1,4 +1,4 @@
-"""`xatl serve [--host] [--port] [--data-dir DIR]`: start the service — the API, a Redis, a worker.
+"""`xatl serve [--host] [--port] [--data-dir DIR] [--no-worker] [--no-migrate]`: the API, a Redis, a worker.
 
 On one machine, one command: the database is brought to the newest schema (SQLite under the data
 directory unless `XATL_DATABASE_URL` says otherwise), a Redis is started under the data directory
@@ -7,6 +7,8 @@ override the environment (`XATL_HOST`, `XATL_PORT`, `XATL_HOME`, `XATL_MODELS_DI
 `XATL_` settings of `service.config.Settings`). Without `XATL_API_KEYS`, the key stored in the data
 directory is used, or one is made, stored there and printed. `--sample-job DIR` submits the sample
 conversion once the API is up (see `service.sample_job`). Ctrl-C stops everything in order.
+In a deployment (`docker-compose.yml`) it runs as `xatl serve --no-worker --no-migrate`: Redis,
+PostgreSQL and the workers are services of their own, and `xatl db upgrade` ran once before it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder whose files jobs may name by path (repeatable)")
     parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
+    parser.add_argument("--no-migrate", action="store_true", help="leave the database schema alone: a deployment "
+                        "runs `xatl db upgrade` once before the API and workers start (docker-compose.yml's migrate)")
     parser.add_argument("--sample-job", metavar="DIR", help="submit the sample conversion from the files in DIR "
                         "(as `xatl sample --link DIR` leaves them) once the API is up, unless its model exists")
     parser.add_argument("--sample-tokens", type=int, default=None,
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         key = create_stored_key(settings.data_dir)
         shown = f"{key}  (new, stored in {settings.data_dir / KEY_FILE})"
 
-    migrate(settings.resolved_database_url)
+    if not args.no_migrate:
+        migrate(settings.resolved_database_url)
     children = []
     try:
         if not settings.redis_url:
@@ -76,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"xatl service at {base}  (API docs: {base}/docs)")
         print(f"API key: {shown}")
         print(f"models: {settings.resolved_models_dir.resolve()}")
-        print(f"Redis: {settings.redis_url}" + ("  (embedded, under the data directory)" if children and
-                                                 children[0].name == "redis" else ""))
+        embedded = children and children[0].name == "redis"
+        print(f"Redis: {without_password(settings.redis_url)}" + ("  (embedded, under the data directory)"
+                                                                   if embedded else ""))
         if not args.no_worker:
             print(f"worker log: {settings.data_dir / 'logs' / 'worker.log'}")
         app = create_app(settings)
@@ -95,6 +101,21 @@ def run(args: argparse.Namespace) -> int:
         for child in reversed(children):  # the worker first: its jobs checkpoint and go back to the queue
             child.stop(timeout=60 if child.name == "worker" else 10)
     return 0
+
+
+def without_password(url: str) -> str:
+    """A Redis URL fit for a log: its password (`redis://:secret@host`) replaced by `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _gpus_visible(requested: int | None) -> bool:

@@ -16,7 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", populate_by_name=True)
+    # an empty variable is an unset one (docker compose passes `${XATL_TORCH_THREADS:-}` as "")
+    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", populate_by_name=True,
+                                      env_ignore_empty=True)
 
     data_dir: Path = Field(Path("data"), validation_alias="XATL_HOME", description="the deployment's files")
     models_dir: Path | None = Field(None, description="published models; default: <data_dir>/models")
