@@ -14,6 +14,9 @@ MIXERS = {
     "retention": "xatl.mixers.retention:RetentionMixer",
     "gla": "xatl.mixers.gla:GatedLinearAttention",
 }
+#: the mixer `xatl convert`, `xatl.convert`, the pipeline and the job specs use when none is named;
+#: chosen from bench/results/xatl_vs_scratch (transfer quality) and bench/results/mixers (speed, state)
+DEFAULT_MIXER = "gla"
 
 
 def get_mixer_class(name: str) -> type[Mixer]:
@@ -23,4 +26,4 @@ def get_mixer_class(name: str) -> type[Mixer]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["MIXERS", "Assignment", "Mixer", "MixerState", "get_mixer_class"]
+__all__ = ["DEFAULT_MIXER", "MIXERS", "Assignment", "Mixer", "MixerState", "get_mixer_class"]
