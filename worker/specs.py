@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # The library's names, kept here so that the job routes need not import torch (a test holds them equal).
 MIXERS = ("mamba2", "mamba", "retention", "gla", "attention")
-DEFAULT_MIXER = "gla"
+DEFAULT_MIXER = "mamba2"  # xatl.mixers.DEFAULT_MIXER
 TRANSFERS = ("none", "embeddings-only", "xatl-no-oproj", "xatl", "xatl+qkv")
 _OPTIONS = r"(:[a-z_]+=[0-9.e+-]+(,[a-z_]+=[0-9.e+-]+)*)?"
 FREEZE_PATTERN = rf"^(none|steps:\d+|lit{_OPTIONS}|norm-peak{_OPTIONS})$"
