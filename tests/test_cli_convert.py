@@ -109,3 +109,30 @@ def test_mismatched_shapes(tmp_path, llama_donor):
 def test_bad_mixer_option(tmp_path, llama_donor):
     _no_traceback(run_cli("convert", llama_donor, "--mixer", "mamba2", "--mixer-option", "colour=blue",
                           "--out", tmp_path), "colour")
+
+
+def test_every_entry_point_defaults_to_the_same_mixer():
+    """`xatl convert`, `xatl.convert`, the pipeline and a job spec without a mixer all build the
+    library's DEFAULT_MIXER; the torch-free job specs keep their own copy of the library's names."""
+    import argparse
+    import inspect
+
+    from worker import specs
+    from xatl.cli import convert as convert_command
+    from xatl.mixers import DEFAULT_MIXER
+    from xatl.pipeline import ConvertStage
+    from xatl.transfer import TRANSFER_MODES
+
+    assert set(specs.MIXERS) == set(MIXERS) and specs.TRANSFERS == TRANSFER_MODES
+    parser = argparse.ArgumentParser()
+    convert_command.add_arguments(parser)
+    convert_args = parser.parse_args(["donor", "--out", "out"])
+    job = specs.ConversionJob(type="conversion", donor="file-1")
+    defaults = {
+        "xatl convert": convert_args.mixer,
+        "xatl.convert": inspect.signature(xatl.convert).parameters["mixer"].default,
+        "ConvertStage": ConvertStage(donor="d").mixer,
+        "ConversionJob": job.mixer,
+        "worker.specs.DEFAULT_MIXER": specs.DEFAULT_MIXER,
+    }
+    assert defaults == dict.fromkeys(defaults, DEFAULT_MIXER)

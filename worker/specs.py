@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # The library's names, kept here so that the job routes need not import torch (a test holds them equal).
 MIXERS = ("mamba2", "mamba", "retention", "gla", "attention")
+DEFAULT_MIXER = "mamba2"  # xatl.mixers.DEFAULT_MIXER
 TRANSFERS = ("none", "embeddings-only", "xatl-no-oproj", "xatl", "xatl+qkv")
 _OPTIONS = r"(:[a-z_]+=[0-9.e+-]+(,[a-z_]+=[0-9.e+-]+)*)?"
 FREEZE_PATTERN = rf"^(none|steps:\d+|lit{_OPTIONS}|norm-peak{_OPTIONS})$"
@@ -128,7 +129,7 @@ class ConversionJob(_JobBase):
     type: Literal["conversion"]
     donor: str = Field(min_length=1, description="file id, path under an import root, or Hugging Face hub id")
     tokenizer: str | None = Field(None, description="a llama2.c donor's tokenizer .bin (file id or path)")
-    mixer: Literal[MIXERS] = "gla"
+    mixer: Literal[MIXERS] = DEFAULT_MIXER
     attention_layers: list[int] = Field(default_factory=list, description="layers that keep attention")
     transfer: Literal[TRANSFERS] = "xatl+qkv"
     mixer_options: dict[str, int | float | str | bool] = Field(default_factory=dict)
@@ -169,5 +170,5 @@ def default_model_name(spec: ConversionJob | FineTuneJob, job_id: str, donor_nam
     return "-".join([*parts, short])[:96].strip("-.")
 
 
-__all__ = ["MIXERS", "TRANSFERS", "ConversionJob", "EvaluationSpec", "FineTuneJob", "JobSpec", "TrainingSpec",
-           "default_model_name"]
+__all__ = ["DEFAULT_MIXER", "MIXERS", "TRANSFERS", "ConversionJob", "EvaluationSpec", "FineTuneJob", "JobSpec",
+           "TrainingSpec", "default_model_name"]

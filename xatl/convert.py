@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from xatl.artifacts import TRANSFER_REPORT, write_json_atomic
 from xatl.donors import Donor, load_donor
+from xatl.mixers import DEFAULT_MIXER
 from xatl.model import XatlForCausalLM
 from xatl.transfer import TransferReport, build_target_config, transfer_weights
 
@@ -25,7 +26,7 @@ class Conversion:
 def convert(
     donor: str | Donor,
     *,
-    mixer: str = "mamba2",
+    mixer: str = DEFAULT_MIXER,
     attention_layers: list[int] | tuple[int, ...] = (),
     transfer: str = "xatl",
     mixer_options: dict | None = None,

@@ -46,6 +46,7 @@ from xatl.artifacts import (
     write_json_atomic,
 )
 from xatl.loader import pick_device
+from xatl.mixers import DEFAULT_MIXER
 from xatl.training.loop import TrainConfig
 from xatl.training.run import TrainingData, TrainingRun, end_distributed, run_training, start_distributed
 
@@ -56,7 +57,7 @@ JOB_MARKER = "xatl_job.json"  # in a published model folder: which run made it
 class ConvertStage:
     donor: str
     tokenizer: str | None = None  # a llama2.c donor's tokenizer .bin
-    mixer: str = "gla"
+    mixer: str = DEFAULT_MIXER
     attention_layers: Sequence[int] = ()
     transfer: str = "xatl+qkv"
     mixer_options: dict | None = None  # {option: value} for `mixer`

@@ -29,6 +29,8 @@ interrupted run continues.
     .venv/bin/python bench/xatl_vs_scratch/run.py --scale gpu     # longer runs, a bigger donor, on CUDA
     .venv/bin/python bench/xatl_vs_scratch/run.py --mixers gla --steps 100 --lrs 3e-3 \
         --name xatl_vs_scratch/quick                               # a quick look
+    .venv/bin/python bench/xatl_vs_scratch/run.py --mixers retention --steps 150 --batch-size 8 \
+        --eval-every 15 --lrs 3e-3 --jobs 1 --threads 1       # one mixer, sized for a shared 2-core machine
     .venv/bin/python bench/xatl_vs_scratch/report.py               # render the READMEs / curves again
 """
 
@@ -219,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {}
     for donor in args.donors:
         settings[donor] = scale[donor]
-        if args.steps:
-            settings[donor]["steps"] = args.steps
+        for key in ("steps", "batch_size", "eval_every"):  # the command line's overrides of the scale
+            if getattr(args, key):
+                settings[donor][key] = getattr(args, key)
         if args.donor_steps and "donor" in settings[donor]:
             settings[donor]["donor"]["steps"] = args.donor_steps
         settings[donor]["freeze_steps"] = args.freeze_steps or max(1, settings[donor]["steps"] // 8)
@@ -334,6 +337,8 @@ def parse_args(argv):
     parser.add_argument("--transferred-lr-scales", nargs="+", type=float,
                         help="scales of the lr of the copied weights swept per transferred variant")
     parser.add_argument("--steps", type=int, help="optimizer steps of each full run (default: the scale's)")
+    parser.add_argument("--batch-size", type=int, help="blocks per optimizer step (default: the scale's)")
+    parser.add_argument("--eval-every", type=int, help="steps between validation evaluations (default: the scale's)")
     parser.add_argument("--donor-steps", type=int, help="pretraining steps of the Gutenberg donor")
     parser.add_argument("--freeze-steps", type=int,
                         help="N of the `steps:N` freeze variant (default: an eighth of the full runs' steps)")

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from xatl.mixers import MIXERS
+from xatl.mixers import DEFAULT_MIXER, MIXERS
 from xatl.transfer import TRANSFER_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("donor", help="a local Hugging Face directory, a hub id, a GGUF file (or a folder "
                         "holding one), or a llama2.c .bin checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer file of a llama2.c checkpoint (its tokenizer .bin)")
-    parser.add_argument("--mixer", default="mamba2", choices=list(MIXERS), help="mixer replacing attention")
+    parser.add_argument("--mixer", default=DEFAULT_MIXER, choices=list(MIXERS),
+                        help=f"mixer replacing attention (default: {DEFAULT_MIXER})")
     parser.add_argument("--attention-layers", default="", type=_layer_list, metavar="I,J",
                         help="comma-separated layer indices that keep attention (a hybrid), e.g. 1,3")
     parser.add_argument("--transfer", default="xatl", choices=TRANSFER_MODES, help="what to copy from the donor")
