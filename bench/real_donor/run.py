@@ -89,6 +89,7 @@ def parse_args():
     parser.add_argument("--stories-windows", type=int, default=6, help="512-token windows of TinyStories")
     parser.add_argument("--contexts", default="512,2048,8192,16384", type=ints)
     parser.add_argument("--decode-dtypes", default="float32,bfloat16")
+    parser.add_argument("--decode-models", default="donor,gla,hybrid", help="the models timed decoding")
     parser.add_argument("--decode-rounds", type=int, default=4, help="interleaved blocks of decode steps")
     parser.add_argument("--decode-block", type=int, default=3, help="decode steps per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
@@ -233,7 +234,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     settings = {k: v for k, v in vars(args).items() if k not in ("tag", "contexts", "decode_dtypes", "decode_rounds",
-                                                                 "decode_block", "threads", "data_dir")}
+                                                                 "decode_block", "decode_models", "threads",
+                                                                 "data_dir")}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     cache = CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -278,7 +280,8 @@ def main() -> None:
     # 3. Decoding against the donor, with the engine
     print("decode", flush=True)
     start = time.perf_counter()
-    result["decode"] = decode_sweep(finals, tokenizer, args) if args.contexts else []
+    timed = {name: finals[name] for name in args.decode_models.split(",")}
+    result["decode"] = decode_sweep(timed, tokenizer, args) if args.contexts else []
     result["decode_seconds"] = time.perf_counter() - start
     result["wall_seconds"] = time.perf_counter() - wall
     result["load_average_at_end"] = os.getloadavg()
