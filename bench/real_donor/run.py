@@ -113,11 +113,17 @@ def eval_sets(args, tokenizer) -> dict[str, list[torch.Tensor]]:
     return {"gutenberg_valid": gutenberg, "tinystories": stories}
 
 
-def cross_entropy(model, sets, device) -> dict[str, float]:
+def cross_entropy(model, sets, device, cache: Path | None = None) -> dict[str, float]:
+    if cache is not None and cache.is_file():  # scored by an interrupted run of the same settings
+        scores = json.loads(cache.read_text())
+        print("    CE (cached) " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_seconds"))
+        return scores
     start = time.perf_counter()
     scores = {name: evaluate_loss(model, blocks, batch_size=4).loss for name, blocks in sets.items()}
     scores["eval_seconds"] = time.perf_counter() - start
     print("    CE " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_seconds"), flush=True)
+    if cache is not None:
+        cache.write_text(json.dumps(scores) + "\n")
     return scores
 
 
@@ -182,8 +188,9 @@ def sample(model, tokenizer, tokens: int = 24) -> str:
 # ---- decoding -----------------------------------------------------------------------------------
 
 
-def decode_sweep(models: dict, tokenizer, args) -> list[dict]:
-    """Per dtype and context: state bytes and median decode step of every model, interleaved."""
+def decode_sweep(models: dict, tokenizer, args, on_row=None) -> list[dict]:
+    """Per dtype and context: state bytes and median decode step of every model, interleaved;
+    `on_row(rows)` after each (the results so far are written, in case the run is cut short)."""
     rows = []
     for dtype_name in args.decode_dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -220,6 +227,8 @@ def decode_sweep(models: dict, tokenizer, args) -> list[dict]:
             print(f"  {dtype_name} {context:6d}: " + "; ".join(
                 f"{n} {row[n]['decode_tokens_per_s']:.1f} tok/s, {row[n]['state_bytes'] / 2**20:.1f} MiB"
                 for n in models), flush=True)
+            if on_row is not None:
+                on_row(rows)
         del engines
     return rows
 
@@ -252,7 +261,7 @@ def main() -> None:
     sets = eval_sets(args, tokenizer)
     result["eval_tokens"] = {name: sum(len(b) - 1 for b in blocks) for name, blocks in sets.items()}
     print(f"donor: {donor.quantization['file_type']}, eval tokens {result['eval_tokens']}", flush=True)
-    result["donor"]["ce"] = cross_entropy(teacher, sets, device)
+    result["donor"]["ce"] = cross_entropy(teacher, sets, device, cache / "donor-ce.json")
     result["donor"]["sample"] = sample(teacher, tokenizer)
     train_blocks = TextBlocks([Path(args.data_dir) / "gutenberg_mini" / "train"], tokenizer, args.block_size)
 
@@ -263,32 +272,39 @@ def main() -> None:
         model = xatl.convert(donor, mixer="gla", attention_layers=attention_layers, transfer="xatl+qkv",
                              seed=args.seed).model.float().to(device)
         entry = {"attention_layers": attention_layers, "parameters": model.num_parameters(), "ce": {}}
-        entry["ce"]["step0"] = cross_entropy(model, sets, device)
+        entry["ce"]["step0"] = cross_entropy(model, sets, device, cache / f"{name}-step0-ce.json")
         print("  attention transfer", flush=True)
         entry["attention_transfer"] = cached_stage(
             cache / f"{name}-at", lambda m=model: run_attention_transfer(m, teacher, train_blocks, args), model)
-        entry["ce"]["attention_transfer"] = cross_entropy(model, sets, device)
+        entry["ce"]["attention_transfer"] = cross_entropy(model, sets, device, cache / f"{name}-at" / "ce.json")
         print("  end to end", flush=True)
         entry["end_to_end"] = cached_stage(
             cache / f"{name}-e2e", lambda m=model: run_end_to_end(m, teacher, train_blocks, args), model)
-        entry["ce"]["end_to_end"] = cross_entropy(model, sets, device)
+        entry["ce"]["end_to_end"] = cross_entropy(model, sets, device, cache / f"{name}-e2e" / "ce.json")
         entry["sample"] = sample(model, tokenizer)
         result["models"][name] = entry
         finals[name] = model.eval()
     result["training_wall_seconds"] = time.perf_counter() - wall
 
-    # 3. Decoding against the donor, with the engine
+    # 3. Decoding against the donor, with the engine; the results are written as they come
     print("decode", flush=True)
     start = time.perf_counter()
     timed = {name: finals[name] for name in args.decode_models.split(",")}
-    result["decode"] = decode_sweep(timed, tokenizer, args) if args.contexts else []
-    result["decode_seconds"] = time.perf_counter() - start
-    result["wall_seconds"] = time.perf_counter() - wall
-    result["load_average_at_end"] = os.getloadavg()
-    result["environment"] = environment()
-    name = "real_donor" + (f"/{args.tag}" if args.tag else "")
-    folder = write_results(name, result, markdown(result))
-    plot(result, folder / "curves.png")
+    planned = len(args.contexts) * len(args.decode_dtypes.split(","))
+
+    def save(rows: list[dict]) -> Path:
+        result["decode"] = rows
+        result["decode_complete"] = len(rows) == planned
+        result["decode_seconds"] = time.perf_counter() - start
+        result["wall_seconds"] = time.perf_counter() - wall
+        result["load_average_at_end"] = os.getloadavg()
+        result["environment"] = environment()
+        folder = write_results("real_donor" + (f"/{args.tag}" if args.tag else ""), result, markdown(result))
+        plot(result, folder / "curves.png")
+        return folder
+
+    save([])
+    folder = save(decode_sweep(timed, tokenizer, args, on_row=save) if args.contexts else [])
     print(f"wrote {folder}")
 
 
