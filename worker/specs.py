@@ -249,6 +249,8 @@ class ConversionJob(_JobBase):
             mixer, transfer = info.data.get("mixer"), info.data.get("transfer")
             if mixer == "attention":
                 raise ValueError("attention transfer trains converted layers, and mixer 'attention' converts none")
+            if (info.data.get("gpus") or 0) > 1:
+                raise ValueError("attention transfer runs in one process: give gpus 0 or 1")
             if transfer in ("none", "embeddings-only"):
                 raise ValueError(f"attention transfer needs the donor's weights around each mixer, and transfer "
                                  f"{transfer!r} does not copy them (use 'xatl' or 'xatl+qkv')")

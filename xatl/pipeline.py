@@ -166,13 +166,14 @@ def run_pipeline(
         if _agree(stop(), world):  # every process stops, or none (the others would wait in training)
             return PipelineResult(True, None, transfer)
 
-        # 2. Attention transfer (one process: the others wait), then end-to-end training
+        # 2. Attention transfer (one process), then end-to-end training
         transferred = None
         if spec.attention_transfer is not None:
-            transferred = stages.attention_transfer(start_dir, blocks, valid_blocks, stop) if rank == 0 else {}
-            _barrier(world)
-            if _agree(bool(transferred.get("stopped")) or stop(), world):  # stopped inside, or after it
-                return PipelineResult(True, None, transfer, attention_transfer=transferred or None)
+            if world > 1:
+                raise ValueError("attention transfer runs in one process: run this pipeline without torchrun")
+            transferred = stages.attention_transfer(start_dir, blocks, valid_blocks, stop)
+            if transferred["stopped"] or stop():  # stopped inside the stage, or after it
+                return PipelineResult(True, None, transfer, attention_transfer=transferred)
             start_dir = work_dir / "attention_transfer"
         final_dir, train_result = start_dir, None
         if spec.train is not None:

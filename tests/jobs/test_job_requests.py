@@ -65,6 +65,8 @@ def test_bad_specs_are_400s_naming_the_field_and_queue_nothing(api):
          "attention_transfer.steps", None),
         ({**donor, "mixer": "attention", "stages": ["attention_transfer"],
           "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # nothing converted
+        ({**donor, "gpus": 2, "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # one process
         ({**donor, "transfer": "none", "stages": ["attention_transfer"],
           "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # no donor weights
         ({**donor, "attention_layers": [2], "stages": ["attention_transfer"],
