@@ -178,6 +178,11 @@ def markdown(result: dict, notes: str = "") -> str:
         "One stream, greedy, eager engine; a random prompt fills the context, then decode steps of the "
         "models are timed in interleaved blocks (median). State: bytes the engine holds for the stream "
         "(key/value cache for attention layers, fixed-size state for GLA layers, which stays float32)."
+        + (f" Contexts over {settings['fill_tokens']:,} tokens: the prompt's first {settings['fill_tokens']:,} are "
+           "prefilled and each attention layer's key/value cache is tiled to the full context, so a decode step "
+           "attends over as many cached tokens as after a whole prefill (same work, repeated values; a real "
+           "16k-token prefill through the donor costs this shared CPU tens of minutes); their prefill times "
+           f"are of {settings['fill_tokens']:,} tokens." if settings.get("fill_tokens") else "")
         + ("" if result.get("decode_complete", True) else
            f" **Cut short**: {len(result.get('decode') or [])} of the planned (dtype, context) rows measured "
            "when the results were written."), "",

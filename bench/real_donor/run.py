@@ -90,6 +90,9 @@ def parse_args():
     parser.add_argument("--contexts", default="512,2048,8192,16384", type=ints)
     parser.add_argument("--decode-dtypes", default="float32,bfloat16")
     parser.add_argument("--decode-models", default="donor,gla,hybrid", help="the models timed decoding")
+    parser.add_argument("--fill-tokens", type=int, default=0,
+                        help="longer contexts: prefill this many tokens and tile the key/value caches to the "
+                             "context (a decode step does the same work; 0: prefill the whole context)")
     parser.add_argument("--decode-rounds", type=int, default=4, help="interleaved blocks of decode steps")
     parser.add_argument("--decode-block", type=int, default=3, help="decode steps per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
@@ -196,6 +199,9 @@ def decode_sweep(models: dict, tokenizer, args, on_row=None) -> list[dict]:
         dtype = getattr(torch, dtype_name)
         engines = {name: Engine(copy.deepcopy(m).to(dtype).eval(), tokenizer, background=False)
                    for name, m in models.items()}
+        if args.fill_tokens:
+            for engine in engines.values():
+                _tile_long_prefills(engine._batch, args.fill_tokens)
         for context in args.contexts:
             prompt = torch.randint(3, tokenizer.vocab_size, (context,),
                                    generator=torch.Generator().manual_seed(context)).tolist()
@@ -233,6 +239,28 @@ def decode_sweep(models: dict, tokenizer, args, on_row=None) -> list[dict]:
     return rows
 
 
+def _tile_long_prefills(batch, fill: int) -> None:
+    """Prompts longer than `fill` tokens: the engine's prefill runs on the first `fill` and each
+    attention layer's key/value cache is tiled to the prompt's length, so the decode steps that
+    follow attend over as many cached tokens as after a whole prefill (the same work; the cached
+    values repeat). Linear-cost layers keep their fixed-size state. A prefill of 16k tokens through
+    the donor's attention costs this shared CPU tens of minutes; its decode step does not."""
+    prefill = batch.prefill
+
+    def tiled(input_ids):
+        length = input_ids.shape[1]
+        if length <= fill:
+            return prefill(input_ids)
+        logits, states = prefill(input_ids[:, :fill])
+        repeats = -(-length // fill)
+        for i, state in enumerate(states):
+            if batch.is_attention[i]:  # (1, Hkv, fill, hd) -> (1, Hkv, length, hd)
+                states[i] = {k: t.repeat(1, 1, repeats, 1)[:, :, :length].contiguous() for k, t in state.items()}
+        return logits, states
+
+    batch.prefill = tiled
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -243,8 +271,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     settings = {k: v for k, v in vars(args).items() if k not in ("tag", "contexts", "decode_dtypes", "decode_rounds",
-                                                                 "decode_block", "decode_models", "threads",
-                                                                 "data_dir")}
+                                                                 "decode_block", "decode_models", "fill_tokens",
+                                                                 "threads", "data_dir")}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     cache = CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
