@@ -16,8 +16,11 @@ windows of each of its 3 books) and on the TinyStories subset (its first windows
 donor's, with the token budget and the wall time of each stage. Training text: gutenberg_mini/train.
 Then, with the engine (`xatl.serving.Engine`, eager), decode tokens/s and state bytes of the donor
 and both conversions at 512 / 2k / 8k / 16k tokens of context (a random prompt fills it), in
-float32 and bfloat16; decode steps of the three models are timed in interleaved blocks, medians
-kept, since the machine is shared.
+float32 and bfloat16; decode steps of the models (`--decode-models`) are timed in interleaved
+blocks, medians kept, since the machine is shared. `--fill-tokens N` prefills only N tokens of a
+longer context and tiles the attention caches to its length (the same decode-step work, without a
+16k-token prefill through the donor's attention). Results are written after training and after
+every decode row, so a run cut short still reports what it measured.
 
 Everything runs in this one process with one torch thread (`--threads`). Stage models and results
 are cached under bench/.cache/real_donor/ (keyed by the settings), so an interrupted run continues;
@@ -28,6 +31,9 @@ results go to bench/results/real_donor/ (`--tag` for a subfolder): results.json,
         --batch-size 16 --block-size 512 --threads 0 --tag gpu  # where a GPU is lent
     .venv/bin/python bench/real_donor/run.py --at-tokens 4k --e2e-tokens 2k --contexts 512 \
         --eval-windows 1 --stories-windows 1 --decode-dtypes float32 --tag quick   # a quick look
+    .venv/bin/python bench/real_donor/run.py --at-tokens 8k --e2e-tokens 2k --block-size 128 \
+        --eval-windows 1 --stories-windows 1 --decode-dtypes bfloat16,float32 --decode-models donor,gla \
+        --fill-tokens 2048     # what fitted ~70 minutes on the shared 2-core machine (load 12-15)
 """
 
 from __future__ import annotations
