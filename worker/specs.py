@@ -245,6 +245,8 @@ class ConversionJob(_JobBase):
             raise ValueError(f"each stage at most once, in the order {list(STAGES)}")
         if "train" in value and info.data.get("training") is None:
             raise ValueError("the 'train' stage needs a training section")
+        if not value and info.data.get("training") is not None:
+            raise ValueError("a training section is given but no stage uses it (add 'train')")
         if "attention_transfer" in value:
             mixer, transfer = info.data.get("mixer"), info.data.get("transfer")
             if mixer == "attention":

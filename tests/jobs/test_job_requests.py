@@ -50,6 +50,7 @@ def test_bad_specs_are_400s_naming_the_field_and_queue_nothing(api):
         ({**donor, "stages": ["train", "attention_transfer"], "training": {"training_file": text, "steps": 1},
           "attention_transfer": {"steps": 1}}, 400, "stages", None),
         ({**donor, "stages": ["train"]}, 400, "stages", None),  # no training section
+        ({**donor, "stages": [], "training": {"training_file": text, "steps": 1}}, 400, "stages", None),  # unused
         ({**donor, "stages": ["attention_transfer", "train"], "training": {"training_file": text, "steps": 1}}, 400,
          "attention_transfer", None),  # no attention_transfer section
         ({**donor, "training": {"training_file": text, "steps": 1}, "attention_transfer": {"steps": 1}}, 400,
