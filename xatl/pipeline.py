@@ -15,10 +15,10 @@ function, and so does the XATL-vs-scratch benchmark; `xatl train` runs its train
 
 Resumable: each stage leaves its output in `work_dir` and a finished stage is not run again, so
 calling again with the same arguments after a crash picks up where the last call stopped —
-attention transfer or training from its last checkpoint (`save_every`). Outputs appear atomically (written aside, then
-renamed), so a crash never leaves half a stage that looks finished. `should_stop` is polled between
-stages and after every training step; a stopped run returns with `stopped=True` (training saves a
-checkpoint first).
+attention transfer or training from its last checkpoint (`save_every`). Outputs appear atomically
+(written aside, then renamed), so a crash never leaves half a stage that looks finished.
+`should_stop` is polled between stages and after every training step; a stopped run returns with
+`stopped=True` (a training stage saves a checkpoint first).
 
 Events, passed to `on_event` (JSON-ready dicts, rank 0 only): `{"event": "stage", "stage", "status":
 "started" | "done" | "skipped", ...}` for every stage, `{"event": "resume", "stage", "step",
