@@ -4,12 +4,22 @@ resumed after a stop from the last checkpoint; its model folder published whole.
 import json
 
 import pytest
+import torch
 from job_fixtures import write_corpus, write_donor
 from transformers import AutoModelForCausalLM
 
 import xatl  # noqa: F401  (registers the model type)
-from xatl.pipeline import JOB_MARKER, ConvertStage, EvaluateStage, PipelineSpec, TrainStage, run_pipeline
+from xatl.pipeline import (
+    JOB_MARKER,
+    AttentionTransferStage,
+    ConvertStage,
+    EvaluateStage,
+    PipelineSpec,
+    TrainStage,
+    run_pipeline,
+)
 from xatl.training import TrainConfig
+from xatl.training.attention_transfer import AttentionTransferConfig
 from xatl.training.run import TrainingData
 
 
@@ -148,3 +158,78 @@ print(json.dumps({{"model_dir": result.model_dir, "stages": [e["stage"] for e in
     assert (tmp_path / "models" / "ddp" / "config.json").is_file()
     rank1 = next(r for r in reports if r["model_dir"] is None)
     assert rank1["stages"] == []  # only rank 0 reports
+
+
+def two_stage_spec(donor, corpus, *, at_steps=6, steps=4):
+    spec = spec_for(donor, corpus, steps=steps, save_every=2)
+    spec.attention_transfer = AttentionTransferStage(
+        config=AttentionTransferConfig(max_steps=at_steps, batch_size=4, lr=1e-2, save_every=2))
+    return spec
+
+
+def test_attention_transfer_runs_before_training_and_the_model_trains_on_from_it(tmp_path, donor, corpus):
+    events = []
+    result = run_pipeline(two_stage_spec(donor, corpus), tmp_path / "work", publish_to=tmp_path / "models" / "m",
+                          job_id="job-at", on_event=events.append)
+    assert not result.stopped
+    started = [e["stage"] for e in events if e["event"] == "stage" and e["status"] == "started"]
+    assert started == ["convert", "attention_transfer", "train", "evaluate", "profile", "publish"]
+    steps = [(e["stage"], e["step"]) for e in events if e["event"] == "train"]
+    assert steps == [("attention_transfer", s) for s in range(1, 7)] + [("train", s) for s in range(1, 5)]
+    at_events = [e for e in events if e["event"] == "train" and e["stage"] == "attention_transfer"]
+    assert all(set(e["layer_losses"]) == {"0", "1"} for e in at_events)  # a loss per converted layer
+    assert [(e["stage"], e["step"]) for e in events if e["event"] == "checkpoint"] == [
+        ("attention_transfer", 2), ("attention_transfer", 4), ("train", 2)]
+    assert result.attention_transfer["steps"] == 6 and set(result.attention_transfer["layer_losses"]) == {"0", "1"}
+    assert result.train["steps"] == 4
+
+    # attention transfer moved the mixers alone; training started from its model, not the conversion's
+    from safetensors.torch import load_file
+
+    converted = load_file(tmp_path / "work" / "converted" / "model.safetensors")
+    transferred = load_file(tmp_path / "work" / "attention_transfer" / "model.safetensors")
+    changed = {n for n in converted if not torch.equal(converted[n], transferred[n])}
+    assert changed and all(".mixer." in n for n in changed)
+    assert (tmp_path / "work" / "attention_transfer" / "transfer_report.json").is_file()
+    assert "fitted to the donor's attention" in (tmp_path / "models" / "m" / "README.md").read_text()
+
+
+def test_a_two_stage_job_stopped_inside_and_between_the_stages_resumes_each_from_where_it_was(
+        tmp_path, donor, corpus):
+    spec = two_stage_spec(donor, corpus, at_steps=6, steps=4)
+    work, models = tmp_path / "work", tmp_path / "models" / "m"
+
+    # 1. stopped inside attention transfer, after its step 3: a checkpoint at 2 and one at the stop
+    first = []
+    stopped = run_pipeline(spec, work, publish_to=models, job_id="job-r", on_event=first.append,
+                           should_stop=lambda: any(e["event"] == "train" and e["step"] == 3 for e in first))
+    assert stopped.stopped and stopped.attention_transfer["stopped"] and stopped.train is None
+    assert [(e["stage"], e["step"]) for e in first if e["event"] == "checkpoint"] == [
+        ("attention_transfer", 2), ("attention_transfer", 3)]
+
+    # 2. resumed at its step 3, finished, then stopped between the stages: training not started
+    second = []
+    between = run_pipeline(spec, work, publish_to=models, job_id="job-r", on_event=second.append,
+                           should_stop=lambda: any(e["event"] == "stage" and e["stage"] == "attention_transfer"
+                                                   and e["status"] == "done" for e in second))
+    assert between.stopped and between.train is None and between.attention_transfer["steps"] == 6
+    resume = next(e for e in second if e["event"] == "resume")
+    assert (resume["stage"], resume["step"]) == ("attention_transfer", 3)
+    assert [e["step"] for e in second if e["event"] == "train"] == [4, 5, 6]
+    assert not any(e["event"] == "stage" and e["stage"] == "train" for e in second)
+    assert not models.exists()
+
+    # 3. attention transfer is not run again; training runs whole and the model is published
+    third = []
+    done = run_pipeline(spec, work, publish_to=models, job_id="job-r", on_event=third.append)
+    assert not done.stopped and done.model_dir == str(models)
+    statuses = {e["stage"]: e["status"] for e in third if e["event"] == "stage" and e["status"] != "started"}
+    assert statuses["convert"] == statuses["attention_transfer"] == "skipped" and statuses["train"] == "done"
+    assert [(e["stage"], e["step"]) for e in third if e["event"] == "train"] == [("train", s) for s in range(1, 5)]
+    assert done.attention_transfer["steps"] == 6
+
+
+def test_attention_transfer_needs_a_conversion(tmp_path):
+    with pytest.raises(ValueError, match="needs a conversion"):
+        PipelineSpec(base_model=str(tmp_path), attention_transfer=AttentionTransferStage(
+            config=AttentionTransferConfig(max_steps=1)))

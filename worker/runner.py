@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from worker.config import WorkerSettings
 from worker.guard import die_with_parent
 from worker.references import BadReference, check_path, classify
-from worker.specs import ConversionJob, JobSpec
+from worker.specs import TEXT_FIELDS, ConversionJob, JobSpec
 from worker.store import JobStore
 
 logger = logging.getLogger("xatl.runner")
@@ -80,25 +80,31 @@ class _Recorder:
             add(self.job_id, "stage", f"{event['stage']} {event['status']}", details)
         elif kind == "train":
             progress = self.progress
+            progress["stage"] = event.get("stage", progress.get("stage"))
             progress.update(step=event["step"], total_steps=event["total_steps"], tokens=event["tokens"],
                             loss=event["loss"], tokens_per_second=event.get("tokens_per_second"))
             rate = event.get("tokens_per_second")
             remaining = event["total_steps"] - event["step"]
             progress["eta_seconds"] = (remaining * event["tokens"] / event["step"] / rate) if rate else None
-            add(self.job_id, "metrics", f"step {event['step']}/{event['total_steps']}: loss {event['loss']:.4f}",
-                {k: v for k, v in event.items() if k != "event"})
+            add(self.job_id, "metrics", f"{_prefix(event)}step {event['step']}/{event['total_steps']}: "
+                f"{_loss_name(event)} {event['loss']:.4f}", {k: v for k, v in event.items() if k != "event"})
         elif kind == "eval":
-            self.progress["valid_loss"] = event["valid_loss"]
-            add(self.job_id, "metrics", f"step {event['step']}: validation loss {event['valid_loss']:.4f}",
-                {k: v for k, v in event.items() if k != "event"})
+            if event.get("stage", "train") == "train":  # attention transfer's is a layer error, not a loss
+                self.progress["valid_loss"] = event["valid_loss"]
+            add(self.job_id, "metrics", f"{_prefix(event)}step {event['step']}: validation {_loss_name(event)} "
+                f"{event['valid_loss']:.4f}", {k: v for k, v in event.items() if k != "event"})
         elif kind == "checkpoint":
             path = Path(event["path"]).resolve()
             relative = str(path.relative_to(self.data_dir.resolve())) if path.is_relative_to(
                 self.data_dir.resolve()) else str(path)
-            self.store.add_checkpoint(self.job_id, event["step"], relative, {"loss": self.progress.get("loss")})
-            add(self.job_id, "checkpoint", f"checkpoint at step {event['step']}", {"step": event["step"]})
+            stage = event.get("stage", "train")
+            self.store.add_checkpoint(self.job_id, event["step"], relative, {"loss": self.progress.get("loss")},
+                                      stage=stage)
+            add(self.job_id, "checkpoint", f"{_prefix(event)}checkpoint at step {event['step']}",
+                {"step": event["step"], "stage": stage})
         elif kind == "resume":
-            add(self.job_id, "resume", f"resumed from the checkpoint at step {event['step']}", {"step": event["step"]})
+            add(self.job_id, "resume", f"{_prefix(event)}resumed from the checkpoint at step {event['step']}",
+                {"step": event["step"], "stage": event.get("stage", "train")})
         elif kind == "unfreeze":
             add(self.job_id, "metrics", f"step {event['step']}: transferred weights unfrozen ({event['rule']})",
                 {"step": event["step"], "rule": event["rule"]})
@@ -110,11 +116,19 @@ class _Recorder:
             self.store.set_progress(self.job_id, self.owner, dict(self.progress))
 
 
+def _prefix(event: dict) -> str:
+    return "attention transfer " if event.get("stage") == "attention_transfer" else ""
+
+
+def _loss_name(event: dict) -> str:
+    return "error (mean over layers)" if event.get("stage") == "attention_transfer" else "loss"
+
+
 def build_pipeline(spec, settings: WorkerSettings, store: JobStore, model_name: str):
     """The library's `PipelineSpec` for a job spec, its file references made paths."""
-    from xatl.pipeline import ConvertStage, EvaluateStage, PipelineSpec, TrainStage
+    from xatl.pipeline import AttentionTransferStage, ConvertStage, EvaluateStage, PipelineSpec, TrainStage
     from xatl.training import TrainConfig
-    from xatl.training.run import TrainingData
+    from xatl.training.attention_transfer import AttentionTransferConfig
 
     def local(reference: str, param: str) -> str:
         return resolve_reference(reference, param, settings, store)
@@ -131,27 +145,48 @@ def build_pipeline(spec, settings: WorkerSettings, store: JobStore, model_name: 
         if not (folder / "config.json").is_file():
             raise JobFailed(f"model {spec.model!r} is not served here", code="model_not_found", param="model")
         base_model = str(folder)
-    train = None
-    if spec.training is not None:
+    stages = spec.stages if isinstance(spec, ConversionJob) else ["train"]
+    train = attention_transfer = None
+    if spec.training is not None and "train" in stages:
         t = spec.training
-        files = [local(f, "training.training_file") for f in t.files]
         datasets = [_file_name(f, store) for f in t.files]
-        valid = [local(t.validation_file, "training.validation_file")] if t.validation_file else None
-        data = TrainingData(data=files, valid_data=valid, valid_fraction=t.valid_fraction, split_by=t.split_by,
-                            text_field=t.text_field, block_size=t.block_size)
         try:
             config = TrainConfig(**t.train_config())
         except ValueError as error:
             raise JobFailed(str(error), code="invalid_training", param="training") from None
+        data = _text(t.model_dump(include=set(TEXT_FIELDS)), "training", local)
         train = TrainStage(config=config, data=data, freeze_initialised=t.freeze_initialised)
+    if isinstance(spec, ConversionJob) and "attention_transfer" in stages:
+        a = spec.attention_transfer
+        text = a.text(spec.training)
+        section = "attention_transfer" if a.files else "training"
+        datasets += [n for f in (text["training_files"] or [text["training_file"]])
+                     if (n := _file_name(f, store)) not in datasets]
+        try:
+            config = AttentionTransferConfig(**a.attention_transfer_config())
+        except ValueError as error:
+            raise JobFailed(str(error), code="invalid_attention_transfer", param="attention_transfer") from None
+        attention_transfer = AttentionTransferStage(config=config, data=_text(text, section, local))
     e = spec.evaluation
     evaluate = EvaluateStage(
         data=[local(e.validation_file, "evaluation.validation_file")] if e.validation_file else None,
         max_batches=e.max_batches, lm_eval_tasks=e.lm_eval_tasks, lm_eval_limit=e.lm_eval_limit,
         contexts=e.contexts, decode_tokens=e.decode_tokens)
     device = "cpu" if spec.gpus == 0 else None
-    return PipelineSpec(convert=convert, base_model=base_model, train=train, evaluate=evaluate, name=model_name,
-                        device=device, datasets=datasets)
+    return PipelineSpec(convert=convert, base_model=base_model, attention_transfer=attention_transfer, train=train,
+                        evaluate=evaluate, name=model_name, device=device, datasets=datasets)
+
+
+def _text(text: dict, section: str, local):
+    """`TrainingData` from a section's text fields (see `worker.specs.TEXT_FIELDS`), files made paths."""
+    from xatl.training.run import TrainingData
+
+    files = [text["training_file"]] if text["training_file"] else list(text["training_files"] or [])
+    valid = text["validation_file"]
+    return TrainingData(data=[local(f, f"{section}.training_file") for f in files],
+                        valid_data=[local(valid, f"{section}.validation_file")] if valid else None,
+                        valid_fraction=text["valid_fraction"], split_by=text["split_by"],
+                        text_field=text["text_field"], block_size=text["block_size"])
 
 
 def resolve_reference(reference: str, param: str, settings: WorkerSettings, store: JobStore) -> str:

@@ -92,10 +92,11 @@ class FileRow(Base):
 
 class CheckpointRow(Base):
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("job_id", "step"),)
+    __table_args__ = (UniqueConstraint("job_id", "stage", "step", name="uq_checkpoints_job_stage_step"),)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(40), default="train", server_default="train")  # or attention_transfer
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1000))  # relative to the data directory
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
@@ -365,20 +366,22 @@ class JobStore:
             return _plain(row)
 
     # -- checkpoints and models ---------------------------------------------------------------------------
-    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict | None = None) -> dict:
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict | None = None, *,
+                       stage: str = "train") -> dict:
+        """Record a checkpoint of a job's training `stage` (train, attention_transfer)."""
         with self.session() as session:
             row = session.scalar(select(CheckpointRow).where(CheckpointRow.job_id == job_id,
-                                                              CheckpointRow.step == step))
+                                                              CheckpointRow.stage == stage, CheckpointRow.step == step))
             if row is None:  # a resumed run saves a step again: one record
-                row = CheckpointRow(id=new_id("ckpt"), job_id=job_id, step=step, path=path, metrics=metrics,
-                                    created_at=time.time())
+                row = CheckpointRow(id=new_id("ckpt"), job_id=job_id, stage=stage, step=step, path=path,
+                                    metrics=metrics, created_at=time.time())
                 session.add(row)
             return _plain(row)
 
     def list_checkpoints(self, job_id: str) -> list[dict]:
         with self.session() as session:
             rows = session.scalars(select(CheckpointRow).where(CheckpointRow.job_id == job_id)
-                                   .order_by(CheckpointRow.step)).all()
+                                   .order_by(CheckpointRow.seq)).all()  # as saved: stage by stage
             return [_plain(r) for r in rows]
 
     def add_model(self, name: str, job_id: str) -> None:

@@ -1,4 +1,5 @@
-"""A job from start to a published model: convert → train → evaluate → profile → publish.
+"""A job from start to a published model: convert → attention transfer → train → evaluate → profile
+→ publish.
 
     run_pipeline(
         PipelineSpec(convert=ConvertStage(donor="stories260K.bin", tokenizer="tok512.bin", mixer="gla"),
@@ -6,21 +7,25 @@
                      evaluate=EvaluateStage(contexts=(128, 512))),
         work_dir="runs/job-1", publish_to="data/models/stories-gla", on_event=print)
 
-A conversion starts from a donor (`convert`); a fine-tune from a model folder (`base_model`). The
-workers run jobs through this function, and so does the XATL-vs-scratch benchmark; `xatl train`
-runs its training stage alone (`xatl.training.run`).
+A conversion starts from a donor (`convert`); a fine-tune from a model folder (`base_model`). A
+conversion may first train its mixers layer by layer on the donor's attention (`attention_transfer`,
+see `xatl.training.attention_transfer`), then end to end. The workers run jobs through this
+function, and so does the XATL-vs-scratch benchmark; `xatl train` runs its training stage alone
+(`xatl.training.run`).
 
 Resumable: each stage leaves its output in `work_dir` and a finished stage is not run again, so
 calling again with the same arguments after a crash picks up where the last call stopped —
-training from its last checkpoint (`save_every`). Outputs appear atomically (written aside, then
-renamed), so a crash never leaves half a stage that looks finished. `should_stop` is polled between
-stages and after every training step; a stopped run returns with `stopped=True` (training saves a
-checkpoint first).
+attention transfer or training from its last checkpoint (`save_every`). Outputs appear atomically
+(written aside, then renamed), so a crash never leaves half a stage that looks finished.
+`should_stop` is polled between stages and after every training step; a stopped run returns with
+`stopped=True` (a training stage saves a checkpoint first).
 
 Events, passed to `on_event` (JSON-ready dicts, rank 0 only): `{"event": "stage", "stage", "status":
-"started" | "done" | "skipped", ...}` for every stage, `{"event": "resume", "step", "checkpoint"}`
-when training continues a checkpoint, the training loop's own events (`train`, `eval`, `unfreeze`,
-`checkpoint`, `done`, `stopped`; see `xatl.training.loop`), and `{"event": "published", "path"}`.
+"started" | "done" | "skipped", ...}` for every stage, `{"event": "resume", "stage", "step",
+"checkpoint"}` when a stage continues a checkpoint, the training loops' own events (`train`, `eval`,
+`unfreeze`, `checkpoint`, `done`, `stopped`; see `xatl.training.loop` and
+`xatl.training.attention_transfer`) with the `stage` that sent them ("attention_transfer" or
+"train"), and `{"event": "published", "path"}`.
 """
 
 from __future__ import annotations
@@ -47,8 +52,17 @@ from xatl.artifacts import (
 )
 from xatl.loader import pick_device
 from xatl.mixers import DEFAULT_MIXER
+from xatl.training.attention_transfer import AttentionTransferConfig
 from xatl.training.loop import TrainConfig
-from xatl.training.run import TrainingData, TrainingRun, end_distributed, run_training, start_distributed
+from xatl.training.run import (
+    AttentionTransferRun,
+    TrainingData,
+    TrainingRun,
+    end_distributed,
+    run_attention_transfer,
+    run_training,
+    start_distributed,
+)
 
 JOB_MARKER = "xatl_job.json"  # in a published model folder: which run made it
 
@@ -62,6 +76,12 @@ class ConvertStage:
     transfer: str = "xatl+qkv"
     mixer_options: dict | None = None  # {option: value} for `mixer`
     seed: int = 0
+
+
+@dataclass
+class AttentionTransferStage:
+    config: AttentionTransferConfig
+    data: TrainingData | None = None  # default: the train stage's text (or the blocks run_pipeline gets)
 
 
 @dataclass
@@ -90,6 +110,7 @@ class EvaluateStage:
 class PipelineSpec:
     convert: ConvertStage | None = None
     base_model: str | None = None  # a model folder: a fine-tune
+    attention_transfer: AttentionTransferStage | None = None  # a conversion's, before `train`
     train: TrainStage | None = None
     evaluate: EvaluateStage | None = None
     name: str | None = None  # the model's name in its card
@@ -99,6 +120,8 @@ class PipelineSpec:
     def __post_init__(self):
         if (self.convert is None) == (self.base_model is None):
             raise ValueError("a pipeline starts from a donor to convert or from a base model, exactly one")
+        if self.attention_transfer is not None and self.convert is None:
+            raise ValueError("attention transfer learns the donor's attention: it needs a conversion (convert)")
 
 
 @dataclass
@@ -109,6 +132,7 @@ class PipelineResult:
     train: dict | None = None
     evaluation: dict | None = None
     profile: dict | None = None
+    attention_transfer: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,12 +167,20 @@ def run_pipeline(
         if _agree(stop(), world):  # every process stops, or none (the others would wait in training)
             return PipelineResult(True, None, transfer)
 
-        # 2. Training
+        # 2. Attention transfer (one process), then end-to-end training
+        transferred = None
+        if spec.attention_transfer is not None:
+            if world > 1:
+                raise ValueError("attention transfer runs in one process: run this pipeline without torchrun")
+            transferred = stages.attention_transfer(start_dir, blocks, valid_blocks, stop)
+            if transferred["stopped"] or stop():  # stopped inside the stage, or after it
+                return PipelineResult(True, None, transfer, attention_transfer=transferred)
+            start_dir = work_dir / "attention_transfer"
         final_dir, train_result = start_dir, None
         if spec.train is not None:
             train_result = stages.train(start_dir, blocks, valid_blocks, stop)
             if train_result.get("stopped"):
-                return PipelineResult(True, None, transfer, train_result)
+                return PipelineResult(True, None, transfer, train_result, attention_transfer=transferred)
             final_dir = work_dir / "train"
         end_distributed()  # what follows is rank 0's alone (evaluation would otherwise wait for the others)
         if rank != 0:
@@ -161,10 +193,10 @@ def run_pipeline(
         if spec.evaluate is not None and not stop():
             profile = stages.profile(final_dir)
         if stop():
-            return PipelineResult(True, None, transfer, train_result, evaluation, profile)
+            return PipelineResult(True, None, transfer, train_result, evaluation, profile, transferred)
 
         # 4. The model folder: weights, tokenizer, report, metrics, loss curve, card — then published
-        result = PipelineResult(False, None, transfer, train_result, evaluation, profile)
+        result = PipelineResult(False, None, transfer, train_result, evaluation, profile, transferred)
         model_dir = stages.assemble(final_dir, result, job_id)
         if publish_to is not None:
             model_dir = stages.publish(model_dir, Path(publish_to), job_id)
@@ -206,19 +238,61 @@ class _Stages:
         _barrier(self.world)
         return out
 
-    # -- train ----------------------------------------------------------------------------------------
-    def train(self, start_dir: Path, blocks, valid_blocks, stop) -> dict:
+    def _tagged(self, stage: str):
+        """`emit` for a stage's own events: each names the stage."""
+        return lambda event: self.emit({**event, "stage": stage})
+
+    def _resume_point(self, stage: str, out: Path) -> Path | None:
+        """The latest checkpoint an earlier attempt of `stage` left in `out`, announced."""
         from xatl.training.checkpoint import latest_checkpoint
 
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+        if checkpoint is not None:
+            self.emit({"event": "resume", "stage": stage, "step": int(checkpoint.name.split("-")[-1]),
+                       "checkpoint": str(checkpoint)})
+        return checkpoint
+
+    # -- attention transfer ---------------------------------------------------------------------------
+    def attention_transfer(self, start_dir: Path, blocks, valid_blocks, stop) -> dict:
+        out = self.work_dir / "attention_transfer"
+        done = read_json(out / RESULT_FILE)
+        if done is not None:
+            self._stage("attention_transfer", "skipped", reason="transferred in an earlier attempt")
+            return done
+        stage, donor = self.spec.attention_transfer, self.spec.convert
+        data = stage.data
+        if data is None and blocks is None:  # the text of end-to-end training
+            data = self.spec.train.data if self.spec.train is not None else None
+            if data is None:
+                raise ValueError("attention transfer needs its text: AttentionTransferStage.data, the train "
+                                 "stage's, or blocks")
+        own_text = stage.data is not None
+        checkpoint = self._resume_point("attention_transfer", out)
+        self._stage("attention_transfer", "started")
+        run = AttentionTransferRun(model_dir=start_dir, config=stage.config, out_dir=out, teacher=donor.donor,
+                                   teacher_tokenizer=donor.tokenizer, data=data, device=str(self.device),
+                                   resume=checkpoint if checkpoint is not None else False)
+        started = time.perf_counter()
+        result = run_attention_transfer(run, blocks=None if own_text else blocks,
+                                        valid_blocks=None if own_text else valid_blocks,
+                                        on_event=self._tagged("attention_transfer"), should_stop=stop)
+        summary = {"steps": result.step, "total_steps": result.total_steps, "tokens": result.tokens,
+                   "loss": result.loss, "layer_losses": result.layer_losses, "valid_loss": result.valid_loss,
+                   "seconds": time.perf_counter() - started, "stopped": result.stopped}
+        if not result.stopped:
+            write_json_atomic(out / RESULT_FILE, summary)
+            self._stage("attention_transfer", "done", **summary)
+        return summary
+
+    # -- train ----------------------------------------------------------------------------------------
+    def train(self, start_dir: Path, blocks, valid_blocks, stop) -> dict:
         out = self.work_dir / "train"
         done = read_json(out / RESULT_FILE)
         if done is not None:
             self._stage("train", "skipped", reason="trained in an earlier attempt")
             return done
         stage = self.spec.train
-        checkpoint = latest_checkpoint(out) if out.is_dir() else None
-        if checkpoint is not None:
-            self.emit({"event": "resume", "step": int(checkpoint.name.split("-")[-1]), "checkpoint": str(checkpoint)})
+        checkpoint = self._resume_point("train", out)
         self._stage("train", "started")
         teacher, teacher_tokenizer = stage.teacher, stage.teacher_tokenizer
         if teacher is None and stage.config.distill:  # the donor teaches its conversion; the base its fine-tune
@@ -230,7 +304,8 @@ class _Stages:
                           teacher_tokenizer=teacher_tokenizer, freeze_initialised=stage.freeze_initialised,
                           device=str(self.device), resume=checkpoint if checkpoint is not None else False)
         started = time.perf_counter()
-        result = run_training(run, blocks=blocks, valid_blocks=valid_blocks, on_event=self.emit, should_stop=stop)
+        result = run_training(run, blocks=blocks, valid_blocks=valid_blocks, on_event=self._tagged("train"),
+                              should_stop=stop)
         summary = {"steps": result.step, "total_steps": result.total_steps, "tokens": result.tokens,
                    "loss": result.loss, "valid_loss": result.valid_loss, "unfreeze_step": result.unfreeze_step,
                    "seconds": time.perf_counter() - started, "stopped": result.stopped}
@@ -363,6 +438,10 @@ class _Stages:
                        + f", weights transferred with `{convert.transfer}`")
         else:
             summary = f"`{_source_name(base)}` trained further"
+        if result.attention_transfer:
+            at = result.attention_transfer
+            summary += (f", its mixers then fitted to the donor's attention layer by layer for {at['steps']} steps "
+                        f"({at['tokens']:,} tokens)")
         if result.train:
             summary += f", then trained for {result.train['steps']} steps ({result.train['tokens']:,} tokens)"
         figures = {}
@@ -406,5 +485,5 @@ def _agree(flag: bool, world: int) -> bool:
     return bool(value.item())
 
 
-__all__ = ["ConvertStage", "EvaluateStage", "JOB_MARKER", "PipelineResult", "PipelineSpec", "TrainStage",
-           "run_pipeline"]
+__all__ = ["AttentionTransferStage", "ConvertStage", "EvaluateStage", "JOB_MARKER", "PipelineResult", "PipelineSpec",
+           "TrainStage", "run_pipeline"]

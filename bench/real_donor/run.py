@@ -16,8 +16,11 @@ windows of each of its 3 books) and on the TinyStories subset (its first windows
 donor's, with the token budget and the wall time of each stage. Training text: gutenberg_mini/train.
 Then, with the engine (`xatl.serving.Engine`, eager), decode tokens/s and state bytes of the donor
 and both conversions at 512 / 2k / 8k / 16k tokens of context (a random prompt fills it), in
-float32 and bfloat16; decode steps of the three models are timed in interleaved blocks, medians
-kept, since the machine is shared.
+float32 and bfloat16; decode steps of the models (`--decode-models`) are timed in interleaved
+blocks, medians kept, since the machine is shared. `--fill-tokens N` prefills only N tokens of a
+longer context and tiles the attention caches to its length (the same decode-step work, without a
+16k-token prefill through the donor's attention). Results are written after training and after
+every decode row, so a run cut short still reports what it measured.
 
 Everything runs in this one process with one torch thread (`--threads`). Stage models and results
 are cached under bench/.cache/real_donor/ (keyed by the settings), so an interrupted run continues;
@@ -28,6 +31,9 @@ results go to bench/results/real_donor/ (`--tag` for a subfolder): results.json,
         --batch-size 16 --block-size 512 --threads 0 --tag gpu  # where a GPU is lent
     .venv/bin/python bench/real_donor/run.py --at-tokens 4k --e2e-tokens 2k --contexts 512 \
         --eval-windows 1 --stories-windows 1 --decode-dtypes float32 --tag quick   # a quick look
+    .venv/bin/python bench/real_donor/run.py --at-tokens 8k --e2e-tokens 2k --block-size 128 \
+        --eval-windows 1 --stories-windows 1 --decode-dtypes bfloat16,float32 --decode-models donor,gla \
+        --fill-tokens 2048     # what fitted ~70 minutes on the shared 2-core machine (load 12-15)
 """
 
 from __future__ import annotations
@@ -89,6 +95,10 @@ def parse_args():
     parser.add_argument("--stories-windows", type=int, default=6, help="512-token windows of TinyStories")
     parser.add_argument("--contexts", default="512,2048,8192,16384", type=ints)
     parser.add_argument("--decode-dtypes", default="float32,bfloat16")
+    parser.add_argument("--decode-models", default="donor,gla,hybrid", help="the models timed decoding")
+    parser.add_argument("--fill-tokens", type=int, default=0,
+                        help="longer contexts: prefill this many tokens and tile the key/value caches to the "
+                             "context (a decode step does the same work; 0: prefill the whole context)")
     parser.add_argument("--decode-rounds", type=int, default=4, help="interleaved blocks of decode steps")
     parser.add_argument("--decode-block", type=int, default=3, help="decode steps per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
@@ -112,11 +122,17 @@ def eval_sets(args, tokenizer) -> dict[str, list[torch.Tensor]]:
     return {"gutenberg_valid": gutenberg, "tinystories": stories}
 
 
-def cross_entropy(model, sets, device) -> dict[str, float]:
+def cross_entropy(model, sets, device, cache: Path | None = None) -> dict[str, float]:
+    if cache is not None and cache.is_file():  # scored by an interrupted run of the same settings
+        scores = json.loads(cache.read_text())
+        print("    CE (cached) " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_seconds"))
+        return scores
     start = time.perf_counter()
     scores = {name: evaluate_loss(model, blocks, batch_size=4).loss for name, blocks in sets.items()}
     scores["eval_seconds"] = time.perf_counter() - start
     print("    CE " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_seconds"), flush=True)
+    if cache is not None:
+        cache.write_text(json.dumps(scores) + "\n")
     return scores
 
 
@@ -181,13 +197,17 @@ def sample(model, tokenizer, tokens: int = 24) -> str:
 # ---- decoding -----------------------------------------------------------------------------------
 
 
-def decode_sweep(models: dict, tokenizer, args) -> list[dict]:
-    """Per dtype and context: state bytes and median decode step of every model, interleaved."""
+def decode_sweep(models: dict, tokenizer, args, on_row=None) -> list[dict]:
+    """Per dtype and context: state bytes and median decode step of every model, interleaved;
+    `on_row(rows)` after each (the results so far are written, in case the run is cut short)."""
     rows = []
     for dtype_name in args.decode_dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         engines = {name: Engine(copy.deepcopy(m).to(dtype).eval(), tokenizer, background=False)
                    for name, m in models.items()}
+        if args.fill_tokens:
+            for engine in engines.values():
+                _tile_long_prefills(engine._batch, args.fill_tokens)
         for context in args.contexts:
             prompt = torch.randint(3, tokenizer.vocab_size, (context,),
                                    generator=torch.Generator().manual_seed(context)).tolist()
@@ -219,8 +239,32 @@ def decode_sweep(models: dict, tokenizer, args) -> list[dict]:
             print(f"  {dtype_name} {context:6d}: " + "; ".join(
                 f"{n} {row[n]['decode_tokens_per_s']:.1f} tok/s, {row[n]['state_bytes'] / 2**20:.1f} MiB"
                 for n in models), flush=True)
+            if on_row is not None:
+                on_row(rows)
         del engines
     return rows
+
+
+def _tile_long_prefills(batch, fill: int) -> None:
+    """Prompts longer than `fill` tokens: the engine's prefill runs on the first `fill` and each
+    attention layer's key/value cache is tiled to the prompt's length, so the decode steps that
+    follow attend over as many cached tokens as after a whole prefill (the same work; the cached
+    values repeat). Linear-cost layers keep their fixed-size state. A prefill of 16k tokens through
+    the donor's attention costs this shared CPU tens of minutes; its decode step does not."""
+    prefill = batch.prefill
+
+    def tiled(input_ids):
+        length = input_ids.shape[1]
+        if length <= fill:
+            return prefill(input_ids)
+        logits, states = prefill(input_ids[:, :fill])
+        repeats = -(-length // fill)
+        for i, state in enumerate(states):
+            if batch.is_attention[i]:  # (1, Hkv, fill, hd) -> (1, Hkv, length, hd)
+                states[i] = {k: t.repeat(1, 1, repeats, 1)[:, :, :length].contiguous() for k, t in state.items()}
+        return logits, states
+
+    batch.prefill = tiled
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -233,7 +277,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     settings = {k: v for k, v in vars(args).items() if k not in ("tag", "contexts", "decode_dtypes", "decode_rounds",
-                                                                 "decode_block", "threads", "data_dir")}
+                                                                 "decode_block", "decode_models", "fill_tokens",
+                                                                 "threads", "data_dir")}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     cache = CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -250,7 +295,7 @@ def main() -> None:
     sets = eval_sets(args, tokenizer)
     result["eval_tokens"] = {name: sum(len(b) - 1 for b in blocks) for name, blocks in sets.items()}
     print(f"donor: {donor.quantization['file_type']}, eval tokens {result['eval_tokens']}", flush=True)
-    result["donor"]["ce"] = cross_entropy(teacher, sets, device)
+    result["donor"]["ce"] = cross_entropy(teacher, sets, device, cache / "donor-ce.json")
     result["donor"]["sample"] = sample(teacher, tokenizer)
     train_blocks = TextBlocks([Path(args.data_dir) / "gutenberg_mini" / "train"], tokenizer, args.block_size)
 
@@ -261,31 +306,39 @@ def main() -> None:
         model = xatl.convert(donor, mixer="gla", attention_layers=attention_layers, transfer="xatl+qkv",
                              seed=args.seed).model.float().to(device)
         entry = {"attention_layers": attention_layers, "parameters": model.num_parameters(), "ce": {}}
-        entry["ce"]["step0"] = cross_entropy(model, sets, device)
+        entry["ce"]["step0"] = cross_entropy(model, sets, device, cache / f"{name}-step0-ce.json")
         print("  attention transfer", flush=True)
         entry["attention_transfer"] = cached_stage(
             cache / f"{name}-at", lambda m=model: run_attention_transfer(m, teacher, train_blocks, args), model)
-        entry["ce"]["attention_transfer"] = cross_entropy(model, sets, device)
+        entry["ce"]["attention_transfer"] = cross_entropy(model, sets, device, cache / f"{name}-at" / "ce.json")
         print("  end to end", flush=True)
         entry["end_to_end"] = cached_stage(
             cache / f"{name}-e2e", lambda m=model: run_end_to_end(m, teacher, train_blocks, args), model)
-        entry["ce"]["end_to_end"] = cross_entropy(model, sets, device)
+        entry["ce"]["end_to_end"] = cross_entropy(model, sets, device, cache / f"{name}-e2e" / "ce.json")
         entry["sample"] = sample(model, tokenizer)
         result["models"][name] = entry
         finals[name] = model.eval()
     result["training_wall_seconds"] = time.perf_counter() - wall
 
-    # 3. Decoding against the donor, with the engine
+    # 3. Decoding against the donor, with the engine; the results are written as they come
     print("decode", flush=True)
     start = time.perf_counter()
-    result["decode"] = decode_sweep(finals, tokenizer, args) if args.contexts else []
-    result["decode_seconds"] = time.perf_counter() - start
-    result["wall_seconds"] = time.perf_counter() - wall
-    result["load_average_at_end"] = os.getloadavg()
-    result["environment"] = environment()
-    name = "real_donor" + (f"/{args.tag}" if args.tag else "")
-    folder = write_results(name, result, markdown(result))
-    plot(result, folder / "curves.png")
+    timed = {name: finals[name] for name in args.decode_models.split(",")}
+    planned = len(args.contexts) * len(args.decode_dtypes.split(","))
+
+    def save(rows: list[dict]) -> Path:
+        result["decode"] = rows
+        result["decode_complete"] = len(rows) == planned
+        result["decode_seconds"] = time.perf_counter() - start
+        result["wall_seconds"] = time.perf_counter() - wall
+        result["load_average_at_end"] = os.getloadavg()
+        result["environment"] = environment()
+        folder = write_results("real_donor" + (f"/{args.tag}" if args.tag else ""), result, markdown(result))
+        plot(result, folder / "curves.png")
+        return folder
+
+    save([])
+    folder = save(decode_sweep(timed, tokenizer, args, on_row=save) if args.contexts else [])
     print(f"wrote {folder}")
 
 

@@ -51,6 +51,7 @@ ARTIFACTS = {  # name → media type
 FILE_FIELDS = {  # spec field → the upload purposes it takes
     "donor": ("donor",), "tokenizer": ("donor",), "training.training_file": ("train",),
     "training.validation_file": ("validation", "train"), "evaluation.validation_file": ("validation", "train"),
+    "attention_transfer.training_file": ("train",), "attention_transfer.validation_file": ("validation", "train"),
 }
 POLL_SECONDS = 0.5
 
@@ -129,8 +130,8 @@ async def list_events(job_id: str, request: Request, store: StoreDep,
 async def list_checkpoints(job_id: str, store: StoreDep) -> CheckpointList:
     await _job(store, job_id)
     rows = await run_in_threadpool(store.list_checkpoints, job_id)
-    return CheckpointList(data=[Checkpoint(id=r["id"], job_id=job_id, step=r["step"], created_at=int(r["created_at"]),
-                                           metrics=r["metrics"]) for r in rows])
+    return CheckpointList(data=[Checkpoint(id=r["id"], job_id=job_id, stage=r["stage"], step=r["step"],
+                                           created_at=int(r["created_at"]), metrics=r["metrics"]) for r in rows])
 
 
 @router.get("/{job_id}/artifacts")
@@ -213,6 +214,10 @@ def _references(spec) -> list[tuple[str, str]]:
         found += [("training.training_file", f) for f in spec.training.files]
         if spec.training.validation_file:
             found.append(("training.validation_file", spec.training.validation_file))
+    if isinstance(spec, ConversionJob) and spec.attention_transfer is not None:
+        found += [("attention_transfer.training_file", f) for f in spec.attention_transfer.files]
+        if spec.attention_transfer.validation_file:
+            found.append(("attention_transfer.validation_file", spec.attention_transfer.validation_file))
     if spec.evaluation.validation_file:
         found.append(("evaluation.validation_file", spec.evaluation.validation_file))
     return found

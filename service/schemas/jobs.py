@@ -68,6 +68,7 @@ class Checkpoint(BaseModel):
     id: str
     object: Literal["job.checkpoint"] = "job.checkpoint"
     job_id: str
+    stage: str = "train"  # the training stage that saved it: train or attention_transfer
     step: int
     created_at: int
     metrics: dict[str, Any] | None = None

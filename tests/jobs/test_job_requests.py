@@ -45,6 +45,39 @@ def test_bad_specs_are_400s_naming_the_field_and_queue_nothing(api):
         ({**donor, "training": {"training_file": text, "steps": 5, "freeze": "sometimes"}}, 400,
          "training.freeze", None),
         ({**donor, "attention_layers": [1, 1]}, 400, "attention_layers", None),
+        # the stage list: known names, in order, each with what it needs
+        ({**donor, "stages": ["distill"], "training": {"training_file": text, "steps": 1}}, 400, "stages", None),
+        ({**donor, "stages": ["train", "attention_transfer"], "training": {"training_file": text, "steps": 1},
+          "attention_transfer": {"steps": 1}}, 400, "stages", None),
+        ({**donor, "stages": ["train"]}, 400, "stages", None),  # no training section
+        ({**donor, "stages": [], "training": {"training_file": text, "steps": 1}}, 400, "stages", None),  # unused
+        ({**donor, "stages": ["attention_transfer", "train"], "training": {"training_file": text, "steps": 1}}, 400,
+         "attention_transfer", None),  # no attention_transfer section
+        ({**donor, "training": {"training_file": text, "steps": 1}, "attention_transfer": {"steps": 1}}, 400,
+         "attention_transfer", None),  # a section for a stage not listed
+        ({**donor, "stages": ["attention_transfer"], "attention_transfer": {"steps": 1}}, 400,
+         "attention_transfer", None),  # no text, here or in training
+        ({**donor, "stages": ["attention_transfer"], "attention_transfer": {"training_file": text}}, 400,
+         "attention_transfer", None),  # no budget
+        ({**donor, "stages": ["attention_transfer"], "attention_transfer": {"training_file": text, "steps": 1,
+                                                                             "momentum": 0.9}}, 400,
+         "attention_transfer.momentum", "extra_forbidden"),
+        ({**donor, "stages": ["attention_transfer"], "attention_transfer": {"training_file": text, "steps": 0}}, 400,
+         "attention_transfer.steps", None),
+        ({**donor, "mixer": "attention", "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # nothing converted
+        ({**donor, "gpus": 2, "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # one process
+        ({**donor, "transfer": "none", "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": text, "steps": 1}}, 400, "stages", None),  # no donor weights
+        ({**donor, "attention_layers": [2], "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": text, "steps": 1, "layers": [1, 2]}}, 400, "attention_transfer",
+         None),  # layer 2 keeps attention
+        ({**donor, "stages": ["attention_transfer"],
+          "attention_transfer": {"training_file": "file-" + "0" * 24, "steps": 1}}, 404,
+         "attention_transfer.training_file", "file_not_found"),
+        ({"type": "fine_tune", "model": "m", "stages": ["attention_transfer"],
+          "training": {"training_file": text, "steps": 1}}, 400, "stages", "extra_forbidden"),
         ({**donor, "name": "../escape"}, 400, "name", None),
         ({"type": "conversion", "donor": "file-" + "0" * 24}, 404, "donor", "file_not_found"),
         ({"type": "conversion", "donor": "relative/../path.bin"}, 400, "donor", "invalid_reference"),
@@ -163,3 +196,21 @@ def test_a_file_in_use_by_an_unfinished_job_stays(api):
     http.post(f"/v1/jobs/{job['id']}/cancel")
     assert http.delete(f"/v1/files/{text}").json() == {"id": text, "object": "file", "deleted": True}
     _refused(http.get(f"/v1/files/{text}"), 404, "file_id", "file_not_found")
+
+
+def test_a_conversion_lists_its_stages_and_the_default_follows_the_training_section(api):
+    d, http = api
+    text = _upload(http, "a.txt", b"some training text").json()["id"]
+    training = {"training_file": text, "steps": 2}
+    two = http.post("/v1/jobs", json={"type": "conversion", "donor": "org/m", "suffix": "two",
+                                      "stages": ["attention_transfer", "train"], "training": training,
+                                      "attention_transfer": {"steps": 3, "lr": 3e-3, "block_size": 64}})
+    assert two.status_code == 200, two.text
+    spec = two.json()["spec"]
+    assert spec["stages"] == ["attention_transfer", "train"]
+    assert spec["attention_transfer"]["steps"] == 3 and spec["attention_transfer"]["training_file"] is None
+    trained = http.post("/v1/jobs", json={"type": "conversion", "donor": "org/m", "suffix": "t", "training": training})
+    assert trained.json()["spec"]["stages"] == ["train"] and trained.json()["spec"]["attention_transfer"] is None
+    alone = http.post("/v1/jobs", json={"type": "conversion", "donor": "org/m", "suffix": "c"})
+    assert alone.json()["spec"]["stages"] == []  # a conversion alone
+    _refused(http.delete(f"/v1/files/{text}"), 409, "file_id", "file_in_use")

@@ -182,3 +182,35 @@ def test_events_page_and_follow_from_a_cursor(deployment, donor_dir, corpus_file
     rest = list(client.follow(job["id"], after=first["data"][-1]["id"]))
     assert rest == every[3:]
     assert json.dumps(every)  # JSON-ready
+
+
+def test_a_conversion_with_attention_transfer_then_training(deployment, donor_dir, corpus_file, tmp_path):
+    d = deployment().start_api()
+    d.start_worker("w0")
+    client = d.client()
+    donor = upload_donor(client, donor_dir, tmp_path)
+    corpus = client.upload(corpus_file, purpose="train")
+    spec = conversion_spec(donor["id"], corpus["id"], steps=4, save_every=2, suffix="at",
+                           stages=["attention_transfer", "train"],
+                           attention_transfer={"steps": 4, "batch_size": 4, "lr": 1e-2, "save_every": 2,
+                                               "log_every": 1})
+    job = client.create_job(spec)
+    events = list(client.follow(job["id"]))
+    finished = client.job(job["id"])
+    assert finished["status"] == "succeeded", (finished["error"], d.log("w0"))
+
+    stages = [e["message"] for e in events if e["type"] == "stage"]
+    assert stages.index("attention_transfer started") < stages.index("attention_transfer done") \
+        < stages.index("train started") < stages.index("train done")
+    steps = [(e["data"]["stage"], e["data"]["step"]) for e in events
+             if e["type"] == "metrics" and "total_steps" in (e["data"] or {})]
+    assert steps == [("attention_transfer", s) for s in range(1, 5)] + [("train", s) for s in range(1, 5)]
+    first = next(e for e in events if e["type"] == "metrics")
+    assert first["message"].startswith("attention transfer step 1/4") and set(first["data"]["layer_losses"]) == {
+        "0", "1"}
+    checkpoints = d.http().get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [(c["stage"], c["step"]) for c in checkpoints] == [("attention_transfer", 2), ("train", 2)]
+    result = finished["result"]
+    assert result["attention_transfer"]["steps"] == 4 and result["train"]["steps"] == 4
+    assert finished["progress"]["stage"] == "publish" and finished["progress"]["step"] == 4
+    assert job["model"] in client.models()

@@ -98,3 +98,43 @@ def test_events_checkpoints_files_and_models(store):
     store.add_model("m", job["id"])
     assert store.get_model("m")["job_id"] == job["id"]
     assert store.model_in_use("m")["id"] == job["id"]  # the job is unfinished
+
+
+def test_checkpoints_of_two_stages_at_the_same_step_are_two_records(store):
+    job, _ = _job(store)
+    store.add_checkpoint(job["id"], 2, "jobs/x/attention_transfer/checkpoints/step-00000002",
+                         stage="attention_transfer")
+    store.add_checkpoint(job["id"], 2, "jobs/x/train/checkpoints/step-00000002")
+    store.add_checkpoint(job["id"], 2, "jobs/x/train/checkpoints/step-00000002")  # saved again on resume
+    rows = store.list_checkpoints(job["id"])
+    assert [(c["stage"], c["step"]) for c in rows] == [("attention_transfer", 2), ("train", 2)]  # as saved
+    assert rows[0]["path"].startswith("jobs/x/attention_transfer/")
+
+
+def test_the_stage_migration_keeps_the_checkpoints_a_database_has(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(__import__("worker").__path__[0] + "/migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0001")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO jobs (id, type, status, spec, queue, model, created_at, "
+                                "cancel_requested, attempts) VALUES ('job-1', 'conversion', 'running', '{}', 'q', "
+                                "'m', 0, 0, 1)"))
+        connection.execute(text("INSERT INTO checkpoints (id, job_id, step, path, created_at) "
+                                "VALUES ('ckpt-1', 'job-1', 4, 'jobs/job-1/train/checkpoints/step-00000004', 0)"))
+    engine.dispose()
+    migrate(url)
+    store = JobStore(url)
+    try:
+        assert [(c["id"], c["stage"], c["step"]) for c in store.list_checkpoints("job-1")] == [("ckpt-1", "train", 4)]
+        store.add_checkpoint("job-1", 4, "jobs/job-1/attention_transfer/checkpoints/step-00000004",
+                             stage="attention_transfer")
+        assert [c["stage"] for c in store.list_checkpoints("job-1")] == ["train", "attention_transfer"]
+    finally:
+        store.close()

@@ -56,16 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
-    from transformers.utils import logging as transformers_logging
 
-    from xatl.artifacts import TRANSFER_REPORT as REPORT_FILE
-    from xatl.data import TextBlocks, resolve_paths
-    from xatl.loader import load_model, load_teacher, pick_device
-    from xatl.training.attention_transfer import AttentionTransferConfig, attention_transfer
+    from xatl.training.attention_transfer import AttentionTransferConfig
+    from xatl.training.run import AttentionTransferRun, TrainingData, run_attention_transfer
 
-    model_dir, out = Path(args.model_dir), Path(args.out)
     config = AttentionTransferConfig(
         max_tokens=args.tokens, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
@@ -73,27 +68,8 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
     )
-    resolve_paths(args.data + (args.valid_data or []))  # a wrong path fails now, not after loading
-    transformers_logging.disable_progress_bar()
-    device = pick_device(args.device)
-
-    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
-    teacher = load_teacher(args.teacher, args.teacher_tokenizer, device)
-
-    common = dict(text_field=args.text_field, seed=args.seed)
-    if args.valid_data:
-        blocks = TextBlocks(args.data, tokenizer, args.block_size, **common)
-        valid = TextBlocks(args.valid_data, tokenizer, args.block_size, keep_partial=True, **common)
-    elif args.valid_fraction:
-        split = dict(valid_fraction=args.valid_fraction, split_by=args.split_by, **common)
-        blocks = TextBlocks(args.data, tokenizer, args.block_size, split="train", **split)
-        valid = TextBlocks(args.data, tokenizer, args.block_size, split="validation", keep_partial=True, **split)
-        if next(iter(valid), None) is None:
-            raise ValueError("the validation split is empty: give --valid-data, --split-by block, a larger "
-                             "--valid-fraction, or --valid-fraction 0 for none")
-    else:
-        blocks, valid = TextBlocks(args.data, tokenizer, args.block_size, **common), None
-
+    data = TrainingData(data=args.data, valid_data=args.valid_data, valid_fraction=args.valid_fraction,
+                        split_by=args.split_by, text_field=args.text_field, block_size=args.block_size)
     bar = tqdm(total=None, unit="step", disable=args.no_progress, dynamic_ncols=True)
 
     def on_step(event: dict) -> None:
@@ -106,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"step {event['step']}: validation error {event['valid_loss']:.4f} (mean over layers)")
 
     resume = (True if args.resume == "latest" else Path(args.resume)) if args.resume else False
-    result = attention_transfer(model, teacher, blocks, config, valid_blocks=valid, out_dir=out, resume=resume,
-                                tokenizer=tokenizer, on_step=on_step)
+    # the set-up the job pipeline shares: device, model, teacher, the text's blocks and split
+    result = run_attention_transfer(
+        AttentionTransferRun(model_dir=args.model_dir, config=config, out_dir=args.out, teacher=args.teacher,
+                             teacher_tokenizer=args.teacher_tokenizer, data=data, device=args.device, resume=resume),
+        on_event=on_step)
     bar.close()
-    if (model_dir / REPORT_FILE).is_file():  # the model keeps its provenance
-        (out / REPORT_FILE).write_text((model_dir / REPORT_FILE).read_text())
     print(json.dumps({"steps": result.step, "tokens": result.tokens, "loss": result.loss,
                       "valid_loss": result.valid_loss, "layer_losses": result.layer_losses,
-                      "stopped": result.stopped, "out": str(out)}))
+                      "stopped": result.stopped, "out": args.out}))
     return 0
 
 

@@ -5,7 +5,8 @@
                  on_event=print, should_stop=lambda: False)
 
 This is the set-up every caller shares — `xatl train`, the job pipeline (`xatl.pipeline`, which
-the workers and the benchmark run): processes and device, the model in float32, which weights
+the workers and the benchmark run); `run_attention_transfer` is the same for the attention-transfer
+stage: processes and device, the model in float32, which weights
 came from the donor (its transfer report), the teacher, the blocks of text — before handing them
 to `xatl.training.train`. Under `torchrun` it joins the process group (gloo on CPU, NCCL on GPUs)
 and each process takes its share of every batch; the caller ends the group (`end_distributed`).
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from xatl.artifacts import TRANSFER_REPORT, read_tensor_origins
+from xatl.training.attention_transfer import AttentionTransferConfig, AttentionTransferResult, attention_transfer
 from xatl.training.freeze import transferred_names
 from xatl.training.loop import TrainConfig, TrainResult, train
 
@@ -49,6 +51,20 @@ class TrainingRun:
     teacher_tokenizer: str | None = None
     freeze_initialised: bool = False  # also freeze tensors the report calls initialised
     device: str | None = None  # default: the process's GPU under torchrun, cuda when available, else cpu
+    resume: bool | str | Path = False  # True: the latest checkpoint in out_dir
+
+
+@dataclass
+class AttentionTransferRun:
+    """Layer-wise attention transfer of a converted model folder (`xatl.training.attention_transfer`)."""
+
+    model_dir: str | Path
+    config: AttentionTransferConfig
+    out_dir: str | Path
+    teacher: str  # the donor
+    teacher_tokenizer: str | None = None
+    data: TrainingData | None = None  # None when the caller passes blocks
+    device: str | None = None
     resume: bool | str | Path = False  # True: the latest checkpoint in out_dir
 
 
@@ -122,6 +138,44 @@ def run_training(
     return result
 
 
+def run_attention_transfer(
+    run: AttentionTransferRun,
+    *,
+    blocks: Iterable[torch.Tensor] | None = None,
+    valid_blocks: Iterable[torch.Tensor] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> AttentionTransferResult:
+    """Attention transfer of `run.model_dir` into `run.out_dir` (metrics, checkpoints, the final model
+    with its tokenizer and transfer report, ready for `run_training`). One process."""
+    from transformers.utils import logging as transformers_logging
+
+    from xatl.data import resolve_paths
+    from xatl.loader import load_model, load_teacher, pick_device
+
+    config, model_dir, out = run.config, Path(run.model_dir), Path(run.out_dir)
+    if blocks is None:
+        if run.data is None:
+            raise ValueError("give the text for attention transfer (TrainingData) or its blocks")
+        resolve_paths(list(run.data.data) + list(run.data.valid_data or []))  # a wrong path fails now
+    transformers_logging.disable_progress_bar()
+    device = pick_device(run.device)
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
+    teacher = load_teacher(run.teacher, run.teacher_tokenizer, device)
+    if blocks is None:
+        blocks = _blocks(run.data, tokenizer, "train", config.seed)
+        valid_blocks = _blocks(run.data, tokenizer, "validation", config.seed)
+    if valid_blocks is not None and next(iter(valid_blocks), None) is None:
+        raise ValueError("the validation split is empty: give validation text, split by block, a larger "
+                         "validation fraction, or a fraction of 0 for none")
+    resume = Path(run.resume) if run.resume and run.resume is not True else run.resume
+    result = attention_transfer(model, teacher, blocks, config, valid_blocks=valid_blocks, out_dir=out,
+                                resume=resume, tokenizer=tokenizer, on_step=on_event, should_stop=should_stop)
+    if not result.stopped and (model_dir / TRANSFER_REPORT).is_file():
+        (out / TRANSFER_REPORT).write_text((model_dir / TRANSFER_REPORT).read_text())  # keep the provenance
+    return result
+
+
 def _blocks(data: TrainingData, tokenizer, split: str, seed: int):
     """Training or validation blocks; None when there is no validation text."""
     from xatl.data import TextBlocks
@@ -135,5 +189,5 @@ def _blocks(data: TrainingData, tokenizer, split: str, seed: int):
                       split_by=data.split_by, keep_partial=split == "validation", **common)
 
 
-__all__ = ["TrainingData", "TrainingRun", "end_distributed", "run_training",
-           "start_distributed"]
+__all__ = ["AttentionTransferRun", "TrainingData", "TrainingRun", "end_distributed", "run_attention_transfer",
+           "run_training", "start_distributed"]
