@@ -132,8 +132,10 @@ def kill_point_reached(d, job: dict, point: str, events: list[dict], save_every:
         "started")}
     if point == "transfer":
         return (work / "converted.partial").exists()
-    if point == "training":
-        return bool(steps) and save_every < steps[-1] < job["spec"]["training"]["steps"] - 1
+    if point == "training":  # past a whole checkpoint, not yet done
+        train, last = work / "train", job["spec"]["training"]["steps"] - 1
+        return (any(p.name.removeprefix("step-").isdigit() for p in (train / "checkpoints").glob("step-*"))
+                and not (train / "result.json").exists()) or (bool(steps) and save_every < steps[-1] < last)
     if point == "checkpoint":
         return any((work / "train" / "checkpoints").glob("*.tmp"))
     if point == "evaluation":
