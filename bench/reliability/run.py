@@ -28,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, environment, relative_paths, write_results  # noqa: E402
+from common import REPO, RESULTS, environment, relative_paths, write_results  # noqa: E402
 from load import add_arguments, load_options, run_load  # noqa: E402
 
+RESULTS_FILE = RESULTS / "reliability" / "results.json"
 GOALS = {"fuzz_cases": 5000, "fault_jobs": 10, "streams": 256, "seconds": 300, "long_prompt_tokens": 16384,
          "p99_ms": 200, "rss_change": 0.10}
 
@@ -166,7 +167,8 @@ def notes(result: dict) -> list[str]:
         if load["requests_left_in_engine"]:
             missed.append(f"load: {load['requests_left_in_engine']:.0f} requests left in the engine")
     out.append(("Goals missed: " + "; ".join(missed) + ".") if missed else "No goal missed at the size run.")
-    out += ["", *result.get("remarks", [])]
+    for remark in result.get("remarks", []):
+        out += ["", remark]
     return out
 
 
@@ -177,9 +179,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", action="append", default=[], choices=["fuzz", "faults", "load"])
     parser.add_argument("--remark", action="append", default=[], help="a line added to the document's notes")
+    parser.add_argument("--rerender", action="store_true",
+                        help="measure nothing: write the document again from the last results.json (with --remark)")
     add_arguments(parser)
     args = parser.parse_args()
+    if args.rerender:
+        saved = RESULTS_FILE.read_text()
+        result = json.loads(saved)
+        result["remarks"] = args.remark or result.get("remarks", [])
+        write_document(result)
+        return
     load_average = os.getloadavg()
+    started = environment()  # the date and commit the measurement starts from
     result: dict = {"settings": {"fuzz_examples": args.fuzz_examples, "fault_jobs": args.fault_jobs,
                                  **load_options(args)}, "load_average": load_average, "remarks": args.remark}
     with tempfile.TemporaryDirectory(prefix="xatl-reliability-") as scratch:
@@ -198,9 +209,13 @@ def main() -> None:
             print(f"  {result['load']['server_errors']} server errors, p99 "
                   f"{result['load']['inter_token'].get('p99_ms', 0):.0f} ms", flush=True)
     result["settings"]["fuzz_cases"] = result.get("fuzz", {}).get("cases", 0)
-    result["environment"] = environment()
+    result["environment"] = {**environment(), "date": started["date"], "git_commit": started["git_commit"]}
+    write_document(result)
+
+
+def write_document(result: dict) -> None:
     text = markdown(result)
-    folder = write_results("reliability", result, text)
+    folder = write_results("reliability", result, text)  # a rerender keeps the measurement's environment
     (REPO / "docs").mkdir(exist_ok=True)
     (REPO / "docs" / "reliability.md").write_text(relative_paths(text))
     print(f"wrote docs/reliability.md and {relative_paths(str(folder))}/")
