@@ -284,27 +284,28 @@ STORAGE_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": 
 def storage_problem(error: BaseException, settings: WorkerSettings) -> tuple[str, str] | None:
     """(code, message) when `error` comes from the data directory being full or unwritable — however
     deep in the library it was raised, and whether or not as an `OSError` — else None."""
-    found, seen = None, error
-    while seen is not None and found is None:
+    found, seen, chain = None, error, 0
+    while seen is not None and found is None and chain < 20:  # a chain of causes (a cycle stops at 20)
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRORS:
             found = seen.errno, seen.filename
         else:
             found = next(((number, None) for text, number in STORAGE_TEXT.items() if text in str(seen)), None)
-        seen = seen.__cause__ or seen.__context__
+        seen, chain = seen.__cause__ or seen.__context__, chain + 1
     if found is None:
         return None
     number, filename = found
+    code, meaning = STORAGE_ERRORS[number]
     roots = [("data directory", settings.data_dir.resolve()),
              ("models directory", settings.resolved_models_dir.resolve())]
-    where = "data directory"
+    where, what = "data directory", ""
     if filename is not None:
         path = Path(os.fsdecode(filename)).resolve()
         inside = [(name, root) for name, root in roots if path.is_relative_to(root)]
         if not inside:
-            return None if number in ONLY_INSIDE else (STORAGE_ERRORS[number][0], str(error))
-        where = f"{inside[-1][0]} ({path.relative_to(inside[-1][1])} could not be written)"
-    code, meaning = STORAGE_ERRORS[number]
-    return code, f"the {where} {meaning}: the job stopped; its checkpoints are kept"
+            return None if number in ONLY_INSIDE else (code, str(error))
+        where, root = inside[-1]  # the models directory lies inside the data directory by default
+        what = f": {path.relative_to(root)} could not be written"
+    return code, f"the {where} {meaning}{what}; the job stopped and its checkpoints are kept"
 
 
 if __name__ == "__main__":
