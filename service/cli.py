@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                 timeout_graceful_shutdown=int(settings.shutdown_drain_seconds) + 10)
         try:
-            DrainingServer(config, app.state.registry, settings.shutdown_drain_seconds).run()
+            DrainingServer(config, app.state.registry, settings.shutdown_drain_seconds, app.state.stopping).run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shutdown was orderly
             pass
     finally:

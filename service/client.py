@@ -69,7 +69,8 @@ class XatlClient:
         return self._json(self.http.get(f"/v1/jobs/{job_id}/events", params=params))
 
     def follow(self, job_id: str, *, after: str | None = None) -> Iterator[dict]:
-        """Every event of the job from `after` on, as they happen, until the job has ended."""
+        """Every event of the job from `after` on, as they happen, until the job has ended. An error
+        event (the server shutting down) raises `APIFailure`; follow again from the last event's id."""
         params = {"stream": "true", **({"after": after} if after else {})}
         with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, timeout=None) as response:
             if response.status_code >= 400:
@@ -81,7 +82,10 @@ class XatlClient:
                 payload = line.removeprefix("data: ")
                 if payload == "[DONE]":
                     return
-                yield json.loads(payload)
+                event = json.loads(payload)
+                if "error" in event:  # the server is shutting down: follow again from the last event seen
+                    raise APIFailure(503, event["error"])
+                yield event
 
     # -- models and completions ------------------------------------------------------------------------------
     def models(self) -> list[str]:

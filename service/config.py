@@ -19,8 +19,8 @@ from worker.config import WorkerSettings
 
 class Settings(WorkerSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Bearer keys accepted by every route but /health (comma-separated)"
-    )
+        default_factory=list, repr=False,  # never in a log line that prints the settings
+        description="Bearer keys accepted by every route but /health (comma-separated)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = StreamLimiter(settings.max_concurrent_streams)
     app.state.store = store
     app.state.dispatch = _dispatcher(settings)
+    app.state.stopping = threading.Event()  # set when the server begins to shut down (service.server)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
                        limits={"/v1/files": settings.max_upload_bytes + MULTIPART_OVERHEAD})

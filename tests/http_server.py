@@ -34,6 +34,7 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc):
+        self.app.state.stopping.set()  # as a signal to `xatl serve` does: streams of job events end
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.socket.close()

@@ -28,13 +28,14 @@ from worker.donor_files import (
     check_llama2c_checkpoint,
     check_llama2c_tokenizer,
     check_safetensors,
+    refuse_pickle,
 )
 from worker.file_policy import CHUNK_BYTES, DEFAULT_LIMITS, FileRejected, Limits, readable_size
 
 __all__ = [
     "PURPOSES", "REFUSAL_CODES", "FileRejected", "Limits", "StoredFile", "store_upload", "safe_filename",
     "check_text", "check_jsonl", "check_llama2c", "check_llama2c_checkpoint", "check_llama2c_tokenizer", "check_gguf",
-    "check_safetensors", "check_hf_folder", "unpack_archive",
+    "check_safetensors", "check_hf_folder", "check_local", "unpack_archive",
 ]
 
 PURPOSES = ("train", "validation", "donor")
@@ -128,6 +129,40 @@ def _check_stored(path: Path, suffix: str, limits: Limits) -> tuple[str, dict, P
     unpack_archive(path, folder, limits)
     path.unlink()  # the unpacked folder is what is kept: no need for twice the disk
     return "hf_folder", check_hf_folder(folder), folder
+
+
+def check_local(path: Path, purpose: str) -> str:
+    """The checks of an upload for a file or folder a job names by path (under an import root), so
+    that it is refused the same way — pickles unread, malformed safetensors, non-UTF-8 or binary
+    text — before the library loads it. Returns its kind; `FileRejected` otherwise."""
+    path = Path(path)
+    if purpose == "donor":
+        if path.is_dir():
+            check_hf_folder(path)
+            return "hf_folder"
+        suffix = path.suffix.lower()
+        if suffix == ".bin":
+            return check_llama2c(path)[0]
+        if suffix == ".gguf":
+            check_gguf(path)
+            return "gguf"
+        if suffix == ".safetensors":
+            check_safetensors(path)
+            return "safetensors"
+        refuse_pickle(path)
+        raise FileRejected(f"{path.name}: a donor named by path is a model folder, a llama2.c .bin or a .gguf "
+                           f"file, not {suffix or 'a file without suffix'}", code="unsupported_file_type")
+    texts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                   and not p.name.startswith(".")) if path.is_dir() else [path]
+    for text in texts:  # a folder of text files (a saved `datasets` folder holds none: the library reads it)
+        if text.suffix == ".jsonl":
+            check_jsonl(text)
+        elif text.suffix == ".txt":
+            check_text(text)
+        else:
+            raise FileRejected(f"{text.name}: training and validation text is .txt or .jsonl, not "
+                               f"{text.suffix or 'a file without suffix'}", code="unsupported_file_type")
+    return "folder" if path.is_dir() else KIND_BY_SUFFIX[path.suffix]
 
 
 def file_suffix(name: str) -> str:

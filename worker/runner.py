@@ -12,7 +12,11 @@ Settings come from the environment the worker passes (`XATL_…`).
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
+import os
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from worker.config import WorkerSettings
+from worker.files import FileRejected, check_local
 from worker.guard import die_with_parent
 from worker.references import BadReference, check_path, classify
 from worker.specs import TEXT_FIELDS, ConversionJob, JobSpec
@@ -202,6 +207,30 @@ def resolve_reference(reference: str, param: str, settings: WorkerSettings, stor
     return str(settings.data_dir / record["path"])
 
 
+def check_local_files(spec, settings: WorkerSettings) -> None:
+    """Files and folders the spec names by path get the checks an upload gets (`worker.files`):
+    a pickle is refused unread, a malformed safetensors header or config, non-UTF-8 or binary text
+    is a failed job naming the field — never something the library half-loads."""
+    named = []
+    if isinstance(spec, ConversionJob):
+        named += [("donor", spec.donor, "donor")] + ([("tokenizer", spec.tokenizer, "donor")] if spec.tokenizer else [])
+    if spec.training is not None:
+        named += [("training.training_file", f, "train") for f in spec.training.files]
+        if spec.training.validation_file:
+            named.append(("training.validation_file", spec.training.validation_file, "validation"))
+    if spec.evaluation.validation_file:
+        named.append(("evaluation.validation_file", spec.evaluation.validation_file, "validation"))
+    for param, reference, purpose in named:
+        ref = classify(reference, param)
+        if ref.kind != "path":
+            continue  # uploads were checked when they came; hub models are the hub's
+        path = check_path(ref.value, settings.import_roots, param)
+        try:
+            check_local(path, purpose)
+        except FileRejected as error:
+            raise JobFailed(f"{param}: {error}", code=error.code, param=param) from None
+
+
 def _file_name(reference: str, store: JobStore) -> str:
     if reference.startswith("file-") and (record := store.get_file(reference)) is not None:
         return record["filename"]
@@ -221,15 +250,17 @@ def main(argv: list[str]) -> int:
     stop = _Stop(store, job_id, owner)
     record = _Recorder(store, job_id, owner, settings.data_dir)
     try:
+        spec = TypeAdapter(JobSpec).validate_python(job["spec"])
+        check_local_files(spec, settings)  # before torch is imported: a bad file fails the job in a second
         from xatl.pipeline import run_pipeline
 
-        spec = TypeAdapter(JobSpec).validate_python(job["spec"])
         pipeline = build_pipeline(spec, settings, store, job["model"])
+        remove_unfinished_publish(settings.resolved_models_dir, job["model"])
         result = run_pipeline(pipeline, settings.jobs_dir / job_id,
                               publish_to=settings.resolved_models_dir / job["model"], job_id=job_id,
                               on_event=record, should_stop=stop)
     except Exception as error:  # every way a job can fail ends as a failed job with a message
-        return _fail(store, job_id, owner, error)
+        return _fail(store, job_id, owner, error, settings)
     if result.stopped:
         if stop.reason == "cancel":
             store.add_event(job_id, "status", "cancelled; its checkpoints are kept")
@@ -246,8 +277,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _fail(store: JobStore, job_id: str, owner: str, error: Exception) -> int:
-    if isinstance(error, JobFailed | BadReference):
+def remove_unfinished_publish(models_dir: Path, model: str) -> None:
+    """The hidden staging folders an earlier attempt, killed while publishing, left beside the models
+    (never listed, but taking space). The job's lease makes this attempt the only one writing them."""
+    for staging in models_dir.glob(f".{glob.escape(model)}.*.partial"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fail(store: JobStore, job_id: str, owner: str, error: Exception, settings: WorkerSettings) -> int:
+    storage = storage_problem(error, settings)
+    if storage is not None:
+        (code, message), param = storage, None
+    elif isinstance(error, JobFailed | BadReference):
         code, param = error.code, error.param
     elif type(error).__name__ == "OutOfMemoryError":
         code, param = "out_of_memory", None
@@ -255,11 +296,51 @@ def _fail(store: JobStore, job_id: str, owner: str, error: Exception) -> int:
         code, param = "invalid_job", None  # the library's word on a spec it cannot run
     else:
         code, param = "internal_error", None
-    message = str(error) or type(error).__name__
+    if storage is None:
+        message = str(error) or type(error).__name__
     logger.error("job %s failed:\n%s", job_id, traceback.format_exc())
     store.add_event(job_id, "error", message, {"code": code, "param": param}, level="error")
     store.finish(job_id, owner, "failed", error={"code": code, "message": message, "param": param})
     return 0
+
+
+STORAGE_ERRORS = {  # errno → (code, what it means for the data directory)
+    errno.ENOSPC: ("storage_full", "is full"), errno.EDQUOT: ("storage_full", "is over its quota"),
+    errno.EROFS: ("storage_unwritable", "cannot be written (a read-only file system)"),
+    errno.EACCES: ("storage_unwritable", "cannot be written (permission denied)"),
+    errno.EPERM: ("storage_unwritable", "cannot be written (operation not permitted)"),
+    errno.ENOTDIR: ("storage_unwritable", "cannot be written (a file stands where a folder should be)"),
+}
+ONLY_INSIDE = (errno.EACCES, errno.EPERM, errno.ENOTDIR)  # elsewhere (an import root, say), not a storage problem
+STORAGE_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                "Read-only file system": errno.EROFS}  # as torch's and safetensors' own errors put it
+
+
+def storage_problem(error: BaseException, settings: WorkerSettings) -> tuple[str, str] | None:
+    """(code, message) when `error` comes from the data directory being full or unwritable — however
+    deep in the library it was raised, and whether or not as an `OSError` — else None."""
+    found, seen, chain = None, error, 0
+    while seen is not None and found is None and chain < 20:  # a chain of causes (a cycle stops at 20)
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRORS:
+            found = seen.errno, seen.filename
+        else:
+            found = next(((number, None) for text, number in STORAGE_TEXT.items() if text in str(seen)), None)
+        seen, chain = seen.__cause__ or seen.__context__, chain + 1
+    if found is None:
+        return None
+    number, filename = found
+    code, meaning = STORAGE_ERRORS[number]
+    roots = [("data directory", settings.data_dir.resolve()),
+             ("models directory", settings.resolved_models_dir.resolve())]
+    where, what = "data directory", ""
+    if filename is not None:
+        path = Path(os.fsdecode(filename)).resolve()
+        inside = [(name, root) for name, root in roots if path.is_relative_to(root)]
+        if not inside:
+            return None if number in ONLY_INSIDE else (code, str(error))
+        where, root = inside[-1]  # the models directory lies inside the data directory by default
+        what = f": {path.relative_to(root)} could not be written"
+    return code, f"the {where} {meaning}{what}; the job stopped and its checkpoints are kept"
 
 
 if __name__ == "__main__":

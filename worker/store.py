@@ -291,16 +291,17 @@ class JobStore:
             return bool(session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
 
     def stale_jobs(self, *, redispatch_seconds: float) -> list[dict]:
-        """Jobs to send to the queue again: those whose lease ran out (their worker died) and queued
-        ones nobody has taken for `redispatch_seconds` (their message was lost)."""
+        """Jobs to send to the queue again: those whose lease ran out (their worker died), and those
+        sent `redispatch_seconds` ago that nobody has taken since (their message was lost — with
+        Redis, or with a worker that died holding it unstarted, as a prefetched message)."""
         now = time.time()
         with self.session() as session:
             rows = session.scalars(select(JobRow).where(JobRow.status.in_(ACTIVE)).order_by(JobRow.seq)).all()
             return [
                 _plain(row) for row in rows
-                if (row.lease_owner is not None and (row.lease_expires_at or 0) < now
-                    and (row.dispatched_at or 0) < row.lease_expires_at)
-                or (row.lease_owner is None and (row.dispatched_at or 0) < now - redispatch_seconds)
+                if (row.lease_owner is None or (row.lease_expires_at or 0) < now)  # nobody runs it
+                and ((row.dispatched_at or 0) < now - redispatch_seconds  # sent long ago, or not since it lapsed
+                     or (row.lease_owner is not None and (row.dispatched_at or 0) < row.lease_expires_at))
             ]
 
     def mark_dispatched(self, job_id: str, *, unless_since: float | None = None) -> bool:

@@ -143,7 +143,9 @@ def sweep(store: JobStore, app, settings: WorkerSettings) -> list[str]:
     """Send again the jobs whose worker died (lease lapsed) or whose message was lost (queued too long)."""
     sent = []
     for job in store.stale_jobs(redispatch_seconds=settings.redispatch_seconds):
-        lapsed = job["lease_owner"] is not None
+        # first sent again when its lease lapses; then, like a queued job, whenever the last message sent
+        # has not been taken for redispatch_seconds (a worker that died holding it unstarted lost it)
+        lapsed = job["lease_owner"] is not None and (job["dispatched_at"] or 0) < job["lease_expires_at"]
         since = job["lease_expires_at"] if lapsed else time.time() - settings.redispatch_seconds
         if not store.mark_dispatched(job["id"], unless_since=since):
             continue  # another worker's sweep sent it a moment ago

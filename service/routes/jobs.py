@@ -11,6 +11,7 @@ and a worker's sweep sends it later. This module imports neither torch nor the w
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import SettingsDep, StoreDep
-from service.errors import APIError, validation_error
+from service.errors import APIError, error_body, validation_error
 from service.schemas.jobs import (
     Artifact,
     ArtifactList,
@@ -241,8 +242,10 @@ def _event_cursor(after: str | None) -> int | None:
 
 
 async def _follow(request: Request, store, job_id: str, cursor: int | None):
-    """Server-sent events of the job, from `cursor` on, until it has ended and every event is sent."""
+    """Server-sent events of the job, from `cursor` on, until it has ended and every event is sent —
+    or until the server begins to shut down: then an error event says where to follow again from."""
     idle = 0.0
+    stopping = request.app.state.stopping
     while True:
         page = await run_in_threadpool(store.list_events, job_id, after=cursor, limit=500)
         for record in page.items:
@@ -259,6 +262,12 @@ async def _follow(request: Request, store, job_id: str, cursor: int | None):
             yield "data: [DONE]\n\n"
             return
         if await request.is_disconnected():
+            return
+        if stopping.is_set():
+            since = f"after=event-{cursor}" if cursor is not None else "the start"
+            error = error_body(f"the server is shutting down; follow the job again from {since}", "server_error",
+                               code="server_shutting_down")
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
             return
         await asyncio.sleep(POLL_SECONDS)
         idle += POLL_SECONDS

@@ -178,8 +178,8 @@ class Deployment:
 def deployment(tmp_path, clean_redis):
     made = []
 
-    def make(**overrides) -> Deployment:
-        d = Deployment(tmp_path / f"d{len(made)}", clean_redis, **overrides)
+    def make(*, redis_url: str | None = None, **overrides) -> Deployment:
+        d = Deployment(tmp_path / f"d{len(made)}", redis_url or clean_redis, **overrides)
         made.append(d)
         return d
 

@@ -4,26 +4,12 @@ follow the events to the end, stream from the new model, fine-tune it; cancel; k
 whole process tree mid-training and see another resume the job from its checkpoint."""
 
 import json
-import tarfile
 import time
 
 import openai
 import pytest
 from job_fixtures import JOBS_API_KEY as API_KEY
-
-
-def conversion_spec(donor_id, corpus_id, *, steps=12, save_every=4, **extra):
-    return {"type": "conversion", "donor": donor_id, "mixer": "gla", "transfer": "xatl+qkv",
-            "training": {"training_file": corpus_id, "steps": steps, "batch_size": 4, "block_size": 16,
-                         "lr": 1e-2, "valid_fraction": 0.2, "save_every": save_every, "log_every": 1},
-            "evaluation": {"contexts": [8, 32], "decode_tokens": 4, "max_batches": 4}, **extra}
-
-
-def upload_donor(client, donor_dir, tmp_path):
-    archive = tmp_path / "tiny-llama.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(donor_dir, arcname="tiny-llama")
-    return client.upload(archive, purpose="donor")
+from job_fixtures import conversion_spec, upload_donor
 
 
 def test_upload_convert_train_follow_serve_then_fine_tune(deployment, donor_dir, corpus_file, tmp_path):

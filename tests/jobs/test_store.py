@@ -50,6 +50,10 @@ def test_a_lease_is_held_by_one_worker_and_fences_the_one_that_lost_it(store):
     assert store.claim(job["id"], "worker-b", lease_seconds=10) is None  # a live lease is not taken
     time.sleep(0.4)  # worker-a stops sending heartbeats
     assert [j["id"] for j in store.stale_jobs(redispatch_seconds=60)] == [job["id"]]
+    store.mark_dispatched(job["id"])  # sent again ...
+    assert store.stale_jobs(redispatch_seconds=60) == []
+    time.sleep(0.1)  # ... and not taken: that message was lost too (a worker died holding it, prefetched)
+    assert [j["id"] for j in store.stale_jobs(redispatch_seconds=0.05)] == [job["id"]]
     assert store.claim(job["id"], "worker-b", lease_seconds=10)["attempts"] == 2
     assert not store.renew(job["id"], "worker-a", 10)  # a does not get it back
     assert not store.finish(job["id"], "worker-a", "succeeded")  # nor overwrite b's outcome
