@@ -27,6 +27,22 @@ EXAMPLES = int(os.environ.get("XATL_FUZZ_EXAMPLES", "12"))
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+@pytest.fixture(autouse=True)
+def denormals_kept():
+    """The library flushes denormals on the CPU (for speed, in `xatl.loader.pick_device`); an earlier
+    test in this process may have left that on, and it breaks hypothesis's float generation."""
+    import torch
+
+    flushing = _flushing(1e-310)
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(flushing)
+
+
+def _flushing(denormal: float) -> bool:
+    return denormal * 1.0 == 0.0  # zero only while the CPU flushes denormals
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, tokenizer):
     data = tmp_path_factory.mktemp("fuzz")
