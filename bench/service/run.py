@@ -175,9 +175,9 @@ def first_job(root: Path, args) -> dict:
             stages.setdefault(event["data"]["stage"], {})[event["data"]["status"]] = event["created_at"]
     split = {"queue wait": running - record["created_at"]}
     split.update({stage: times["done"] - times["started"] for stage, times in stages.items() if len(times) == 2})
-    split["job total (created → succeeded)"] = record["finished_at"] - record["created_at"]
+    split["job total (created → finished)"] = record["finished_at"] - record["created_at"]
     return {"seconds": split, "sample_tokens": args.sample_tokens, "status": job["status"],
-            "result": {k: job["result"][k] for k in ("train", "evaluation")},
+            "error": job.get("error"), "result": {k: (job["result"] or {}).get(k) for k in ("train", "evaluation")},
             "make_run_sample_wall_s (both jobs, uploads included)": total}
 
 
@@ -201,6 +201,7 @@ def markdown(results: dict) -> str:
     if "first_job" in results:
         job = results["first_job"]
         lines += ["", f"## The README's first job (stories260K → GLA, {job['sample_tokens']:,} training tokens)", "",
+                  f"Status: {job['status']}" + (f" ({job['error']})" if job.get("error") else "") + ".", "",
                   "| part | seconds |", "|---|---|"]
         lines += [f"| {part} | {seconds:.1f} |" for part, seconds in job["seconds"].items()]
         evaluation = job["result"]["evaluation"] or {}
@@ -235,6 +236,7 @@ def main() -> None:
                 results["latency"]["PostgreSQL"] = route_latencies(root / "postgres", args, url)
             finally:
                 drop()
+        write_results("service", results, markdown(results))  # the latencies stand even if the job fails
         if not args.skip_first_job:
             results["first_job"] = first_job(root, args)
     results["environment"] = environment()
