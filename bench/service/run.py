@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -65,19 +66,26 @@ class Server:
         self.log.close()
 
 
-def percentiles(measured: list[float]) -> dict:
-    """p50/p99/max of the latencies `_load` measured, and the requests per second they were served at."""
-    *samples, wall = measured
-    ordered = sorted(samples)
+def percentiles(measured: Measured) -> dict:
+    """p50/p99/max of the latencies `_load` measured, the requests per second they were served at, and
+    the requests that got no answer (a connection error)."""
+    ordered = sorted(measured.latencies)
     at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"n": len(ordered), "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * at(0.99),
-            "max_ms": 1000 * ordered[-1], "requests_per_s": len(ordered) / wall}
+            "max_ms": 1000 * ordered[-1], "requests_per_s": len(ordered) / measured.wall,
+            "connection_errors": len(measured.failures), "connection_error_samples": measured.failures[:3]}
 
 
-async def _load(url: str, requests: list[tuple[str, str, dict | None]], clients: int) -> list[float]:
-    """Send `requests` (method, path, json) from `clients` concurrent clients; each one's latency, and
-    the wall time of them all last (so that the throughput can be read beside the latencies)."""
+class Measured(NamedTuple):
+    latencies: list[float]  # seconds, one per answered request
+    wall: float  # seconds for them all
+    failures: list[str]  # requests whose connection failed (no answer)
+
+
+async def _load(url: str, requests: list[tuple[str, str, dict | None]], clients: int) -> Measured:
+    """Send `requests` (method, path, json) from `clients` concurrent clients."""
     latencies: list[float] = []
+    failures: list[str] = []
     queue: asyncio.Queue = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
@@ -88,15 +96,18 @@ async def _load(url: str, requests: list[tuple[str, str, dict | None]], clients:
             while not queue.empty():
                 method, path, body = queue.get_nowait()
                 start = time.perf_counter()
-                response = await http.request(method, path, json=body)
+                try:
+                    response = await http.request(method, path, json=body)
+                except httpx.TransportError as error:  # counted and reported, not hidden
+                    failures.append(f"{method} {path}: {type(error).__name__} {error}")
+                    continue
                 latencies.append(time.perf_counter() - start)
                 if response.status_code >= 400:
                     raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:300]}")
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        latencies.append(time.perf_counter() - started)
-    return latencies
+        return Measured(latencies, time.perf_counter() - started, failures)
 
 
 def route_latencies(data_dir: Path, args, database_url: str | None) -> dict:
@@ -184,16 +195,16 @@ def first_job(root: Path, args) -> dict:
 def markdown(results: dict) -> str:
     lines = ["# The job service", "", f"## Route latency: {results['settings']['clients']} concurrent clients, "
              f"{results['settings']['jobs']} jobs created, then {results['settings']['reads']} reads per route", "",
-             "| database | route | n | p50 (ms) | p99 (ms) | max (ms) | requests/s | goal p99 < 50 ms "
+             "| database | route | n | p50 (ms) | p99 (ms) | max (ms) | requests/s | no answer | goal p99 < 50 ms "
              "| one client: p50 (ms) | one client: requests/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for database, measured in results["latency"].items():
         for route, row in measured["concurrent"].items():
             alone = measured["one_client"][route]
             met = "met" if row["p99_ms"] < 50 else f"missed ({row['p99_ms'] / 50:.1f}x)"
             lines.append(f"| {database} | {route} | {row['n']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
-                         f"{row['max_ms']:.1f} | {row['requests_per_s']:.0f} | {met} | {alone['p50_ms']:.1f} | "
-                         f"{alone['requests_per_s']:.0f} |")
+                         f"{row['max_ms']:.1f} | {row['requests_per_s']:.0f} | {row['connection_errors']} | {met} | "
+                         f"{alone['p50_ms']:.1f} | {alone['requests_per_s']:.0f} |")
     lines += ["", f"With {results['settings']['clients']} requests always outstanding, a request waits behind the "
               "others: by Little's law its latency is about clients / throughput, so a p99 under 50 ms at "
               f"{results['settings']['clients']} clients needs well over {results['settings']['clients'] / 0.05:,.0f} "
