@@ -5,13 +5,16 @@
   bfloat16 between the layers.
 - int8: the weights of every `nn.Linear` (the mixers' projections, the MLPs and the LM head, which
   gets its own int8 copy when it is tied to the input embedding) quantised per output channel to
-  int8, activations quantised per token at run time (dynamic quantisation,
+  int8, activations quantised at run time, one scale per input tensor (dynamic quantisation,
   `torch.ao.quantization.quantize_dynamic` with qint8 on the "x86" engine: fbgemm/oneDNN). The input
   embedding (one row read per token), the norms, the convolutions and the decay parameters stay in
   float32. CPU only: torch ships no int8 dynamic-quantised linear for CUDA. Of the int8 paths of
   torch 2.13 on a CPU, this was the fastest for one token at a time: on an AMD EPYC core, a
   512x32000 LM head took 1.0 ms against 12 ms in fp32, 20 ms in bf16 and 3.6 ms for the weight-only
   `torch._weight_int8pack_mm` (which needs bf16 activations); fbgemm alone 1.7 ms, oneDNN 1.5 ms.
+  One activation scale per input tensor means the rows decoded together in a batch (and the tokens
+  of a prefill chunk) share it: one stream decoding alone is quantised per token, the closest to
+  fp32 (bench/results/generation/precision has both cross-entropies).
 
 Recurrent state in bf16: the linear-cost mixers accumulate their state in float32 whatever the
 weights' dtype (`torch.promote_types(dtype, float32)`): GLA, retention and Mamba-2 keep their
@@ -57,9 +60,10 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     torch.backends.quantized.engine = engine
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 still ships it
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        spec = {nn.Linear: per_channel_dynamic_qconfig}  # a scale per output row: no slower than one per matrix
+        return quantize_dynamic(model.float(), spec, dtype=torch.qint8, inplace=True)
 
 
 def weight_bytes(model: nn.Module) -> int:
