@@ -366,10 +366,11 @@ def main() -> None:
         result["parameters"][name] = {role: model.num_parameters() for role, model in
                                       (("donor", size.donor), ("converted", size.converted))}
         compiled = not args.no_compile
-        engines = {role: Engine(model, size.tokenizer, background=False, compile=compiled)
+        # prefill_chunk=None: the whole prompt at admission, so that every timed step is a decode step
+        engines = {role: Engine(model, size.tokenizer, background=False, compile=compiled, prefill_chunk=None)
                    for role, model in (("donor", size.donor), ("converted", size.converted))}
         result["contexts"] += context_sweep(size, engines, args)
-        ours = {"engine_eager": Engine(size.converted, size.tokenizer, background=False)}
+        ours = {"engine_eager": Engine(size.converted, size.tokenizer, background=False, prefill_chunk=None)}
         if compiled:
             ours["engine_compiled"] = engines["converted"]
         result["versus_generate"].append(versus_generate(size, ours, args))
