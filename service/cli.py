@@ -3,7 +3,7 @@
 On one machine, one command: the database is brought to the newest schema (SQLite under the data
 directory unless `XATL_DATABASE_URL` says otherwise), a Redis is started under the data directory
 unless `XATL_REDIS_URL` names one, and a local worker takes jobs (unless `--no-worker`). Options
-override the environment (`XATL_HOST`, `XATL_PORT`, `XATL_HOME`, `XATL_MODELS_DIR`, and the other
+override the environment (`XATL_HOST`, `XATL_PORT`, `XATL_HOME`, `XATL_MODELS_DIR`, `XATL_PRECISION`, and the other
 `XATL_` settings of `service.config.Settings`). Without `XATL_API_KEYS`, the key stored in the data
 directory is used, or one is made, stored there and printed. `--sample-job DIR` submits the sample
 conversion once the API is up (see `service.sample_job`). Ctrl-C stops everything in order.
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="folder of servable models (default <data-dir>/models)")
     parser.add_argument("--import-root", action="append", default=None, metavar="DIR",
                         help="a folder whose files jobs may name by path (repeatable)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                        help="weights of the served models: fp32, bf16 or int8 (CPU); default: as saved")
     parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
     parser.add_argument("--no-migrate", action="store_true", help="leave the database schema alone: a deployment "
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for chatty in ("alembic", "httpx"):  # a line per migration plugin and per request of the sample job
         logging.getLogger(chatty).setLevel(logging.WARNING)
     given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
-             "import_roots": args.import_root}
+             "import_roots": args.import_root, "precision": args.precision}
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
     if "XATL_DEFAULT_QUEUE" not in os.environ and not args.no_worker and not _gpus_visible(args.worker_gpus):
         settings = settings.model_copy(update={"default_queue": "cpu"})  # this machine's worker has no GPU

@@ -9,7 +9,7 @@ not `XATL_DATA_DIR`, which names the data sets that tests and benchmarks read.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
@@ -35,6 +35,9 @@ class Settings(WorkerSettings):
     device: str = "cpu"
     compile: bool = Field(False, description="compile each model's decode step (torch.compile): faster "
                           "steps for small models, after about a minute of compiling at the first requests")
+    precision: Literal["fp32", "bf16", "int8"] | None = Field(
+        None, description="weights of every served model: fp32, bf16 or int8 (CPU, dynamic quantisation of the "
+        "linear layers); default: as saved")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores but one)")
 
     @field_validator("api_keys", mode="before")

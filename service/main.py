@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = ModelRegistry(
         settings.resolved_models_dir, capacity=settings.loaded_models, device=settings.device,
         max_batch_size=settings.max_batch_size, torch_threads=settings.torch_threads, compile=settings.compile,
+        precision=settings.precision,
     )
 
     store = JobStore(settings.resolved_database_url)  # the schema comes from `xatl db upgrade` / `xatl serve`

@@ -40,16 +40,20 @@ class ModelRegistry:
         max_batch_size: each engine's decode batch.
         torch_threads: torch intra-op threads, set when a model loads; default: all cores but one.
         compile: compile each engine's decode step (see `xatl.serving.Engine`).
+        precision: weights of every model, "fp32", "bf16" or "int8" (see `xatl.serving.precision`);
+            None: as saved.
     """
 
     def __init__(self, models_dir: Path, *, capacity: int = 2, device: str = "cpu",
-                 max_batch_size: int = 64, torch_threads: int | None = None, compile: bool = False):
+                 max_batch_size: int = 64, torch_threads: int | None = None, compile: bool = False,
+                 precision: str | None = None):
         self.models_dir = models_dir
         self.capacity = capacity
         self.device = device
         self.max_batch_size = max_batch_size
         self.torch_threads = torch_threads
         self.compile = compile
+        self.precision = precision
         self._engines: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self._loading: dict[str, asyncio.Lock] = {}
 
@@ -114,7 +118,7 @@ class ModelRegistry:
         # decoding 3-30x slower than one
         torch.set_num_threads(self.torch_threads or max(1, (os.cpu_count() or 1) - 1))
         return Engine.from_pretrained(path, device=self.device, max_batch_size=self.max_batch_size,
-                                      compile=self.compile)
+                                      compile=self.compile, precision=self.precision)
 
     def _evict_idle(self, keep: str) -> None:
         for name in list(self._engines):

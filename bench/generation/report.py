@@ -83,6 +83,48 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def precision_markdown(result: dict) -> str:
+    """Tables of the `--precisions` run: decode speed per precision, cross-entropy against fp32."""
+    s = result["settings"]
+    first = s["precisions"][0]
+    lines = [
+        f"# Generation: weights in {', '.join(s['precisions'])} (converted mixer: `{s['mixer']}`)\n",
+        f"torch threads: {s['threads']}; load average {result['load_average_at_start'][0]:.1f} at the start, "
+        f"{result['load_average_at_end'][0]:.1f} at the end (2 cores, shared). Decode step eager. One stream, "
+        "greedy; the prompt (random tokens) fills the context; the precisions' decode steps interleaved "
+        "in blocks, medians. int8: dynamic quantisation of every linear layer (LM head included); bf16: "
+        "every weight (see `xatl/serving/precision.py`).\n",
+        "## Decode speed\n",
+        f"| size | context | precision | weights | state | tok/s | vs {first} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["speed"]:
+        lines.append(f"| {row['size']} | {row['context']:,} | {row['precision']} | {_mib(row['weight_bytes'])} | "
+                     f"{_mib(row['state_bytes'])} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row[f'speedup_over_{first}']:.2f}x |")
+    if result["quality"]:
+        row = result["quality"][0]
+        lines += [
+            "\n## Validation cross-entropy\n",
+            f"TinyStories validation (`../shared/data/tinystories_val_subset`), {row['tokens']:,} predicted tokens "
+            f"in blocks of {s['eval_block']}, the same for every precision, two ways: the parallel forward over "
+            "whole blocks (int8 activations are then quantised per tensor, a block at a time) and decode steps, "
+            "one token at a time through the recurrent state, as the engine serves one stream (int8 activations "
+            "quantised per token). The donor is stories260K as trained; the converted model is its GLA "
+            "conversion *untrained* (weights transferred, no training): its loss is high, but the precisions "
+            "are compared on the same weights. Goal: within 0.5% (bf16) and 1.5% (int8) of fp32.\n",
+            "| size | model | precision | parallel CE (nats/token) | vs fp32 | decode CE | vs fp32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in result["quality"]:
+            relative = {form: "" if f"{form}_relative_to_fp32" not in row
+                        else f"{100 * row[f'{form}_relative_to_fp32']:+.2f}%" for form in ("parallel", "decode")}
+            lines.append(f"| {row['size']} | {row['model']} | {row['precision']} | "
+                         f"{row['parallel_cross_entropy']:.4f} | {relative['parallel']} | "
+                         f"{row['decode_cross_entropy']:.4f} | {relative['decode']} |")
+    return "\n".join(lines) + "\n"
+
+
 def goals(result: dict) -> list[str]:
     """The issue's goals against what was measured, for the sizes this run has."""
     def met(ok: bool) -> str:

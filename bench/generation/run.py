@@ -6,18 +6,24 @@
 2. our engine against transformers' `generate()` on the same converted weights, one stream;
 3. aggregate decode tokens/s with 1, 4, 16 and 64 concurrent streams;
 4. the decode step time of the larger converted model against the memory-bandwidth bound (bytes of
-   weights and state read per step / the measured copy bandwidth of this machine).
+   weights and state read per step / the measured copy bandwidth of this machine);
+5. with `--precisions fp32,bf16,int8` instead of 1-4: the converted model's one-stream decode
+   tokens/s with each precision of weights (`xatl.serving.precision`) side by side, and the
+   validation cross-entropy of each precision against fp32 on the same text (TinyStories
+   validation, for the models with a real tokenizer), written to results/generation/precision.
 
 Timings of the two sides of a comparison are interleaved (blocks of steps, round-robin) and the
 median is kept: the machine is shared and noisy. torch runs with `--threads` intra-op threads.
 
     python bench/generation/run.py                        # everything (~15 min on 2 busy cores)
     python bench/generation/run.py --contexts 512,2048 --sizes stories260K   # a quick look
+    python bench/generation/run.py --precisions fp32,bf16,int8 --contexts 512,2048,8192
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -31,10 +37,12 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, write_results  # noqa: E402
-from report import markdown, plot  # noqa: E402
+from report import markdown, plot, precision_markdown  # noqa: E402
 
 import xatl  # noqa: E402
-from xatl.serving import Engine, SamplingParams  # noqa: E402
+from xatl.data import TextBlocks  # noqa: E402
+from xatl.eval import evaluate_loss  # noqa: E402
+from xatl.serving import Engine, SamplingParams, apply_precision, weight_bytes  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -249,6 +257,73 @@ def bandwidth_bound(context_rows: list[dict], bandwidth: float) -> list[dict]:
     return rows
 
 
+# ---- 5. precisions --------------------------------------------------------------------------------------
+
+
+def precision_sweep(size: Size, args) -> tuple[list[dict], list[dict]]:
+    """Decode tokens/s of the converted model at each precision, interleaved, at each context; and the
+    cross-entropy of the donor and the converted model at each precision on the same text."""
+    models = {p: copy.deepcopy(size.converted) for p in args.precisions}
+    engines = {p: Engine(model, size.tokenizer, background=False, precision=p, prefill_chunk=None)
+               for p, model in models.items()}  # the whole prompt at admission: every timed step decodes
+    for engine in engines.values():
+        warm_up(engine, size.converted.config.vocab_size)
+    speed = []
+    for context in args.contexts:
+        prompt = random_prompt(context, size.converted.config.vocab_size, seed=context)
+        measured = interleaved_decode(engines, prompt, args)
+        base = measured[args.precisions[0]]["decode_tokens_per_s"]
+        for precision, engine in engines.items():
+            speed.append({"size": size.name, "context": context, "precision": precision,
+                          "weight_bytes": weight_bytes(engine.model), **measured[precision],
+                          f"speedup_over_{args.precisions[0]}": measured[precision]["decode_tokens_per_s"] / base})
+        print(f"{size.name:16s} context {context:6d}: " + ", ".join(
+            f"{p} {measured[p]['decode_tokens_per_s']:.1f} tok/s" for p in engines), flush=True)
+    quality = []
+    if size.name != "random-width512":  # made-up words: no real text to score
+        text = Path(args.data_dir) / "tinystories_val_subset" / "tinystories_val.txt"
+        blocks = list(TextBlocks([text], size.tokenizer, args.eval_block, keep_partial=False))[: args.eval_blocks]
+        for role, model in (("donor", size.donor), ("converted", size.converted)):
+            quantised = {p: apply_precision(copy.deepcopy(model), p) for p in args.precisions}
+            losses = {p: {"parallel": evaluate_loss(m, blocks, batch_size=4).loss,
+                          "decode": decode_cross_entropy(m, blocks)} for p, m in quantised.items()}
+            for precision, loss in losses.items():
+                quality.append({"size": size.name, "model": role, "precision": precision,
+                                "tokens": len(blocks) * (args.eval_block - 1), **{
+                                    f"{form}_cross_entropy": value for form, value in loss.items()}, **{
+                                    f"{form}_relative_to_fp32": value / losses["fp32"][form] - 1
+                                    for form, value in loss.items() if "fp32" in losses}})
+            print(f"{size.name:16s} {role} cross-entropy (parallel / decode): " + ", ".join(
+                f"{p} {loss['parallel']:.4f} / {loss['decode']:.4f}" for p, loss in losses.items()), flush=True)
+    return speed, quality
+
+
+@torch.inference_mode()
+def decode_cross_entropy(model: xatl.XatlForCausalLM, blocks: list[torch.Tensor]) -> float:
+    """Cross-entropy of next-token predictions made as the engine serves one stream: one decode step
+    per token, through the recurrent state (int8 activations are then quantised per token)."""
+    nats, tokens = 0.0, 0
+    for block in blocks:
+        states = [None] * len(model.mixers)
+        for t in range(len(block) - 1):
+            logits, states = model.decode_step(block[None, t : t + 1], states, torch.tensor([[t]]))
+            nats += float(torch.nn.functional.cross_entropy(logits.float(), block[t + 1 : t + 2]))
+            tokens += 1
+    return nats / tokens
+
+
+def precision_run(args) -> None:
+    builders = {"stories260K": stories260k, "random-width512": random_width512}
+    result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(), "speed": [], "quality": []}
+    for name in args.sizes.split(","):
+        speed, quality = precision_sweep(builders[name](args), args)
+        result["speed"] += speed
+        result["quality"] += quality
+    result["load_average_at_end"] = os.getloadavg()
+    result["environment"] = environment()
+    print(f"wrote {write_results('generation/precision', result, precision_markdown(result))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -260,6 +335,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of every model; results of bfloat16 go to results/generation/bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="run our engine's decode step eagerly only")
+    parser.add_argument("--precisions", type=lambda text: text.split(","), default=None,
+                        help="e.g. fp32,bf16,int8: measure these weight precisions (eager) instead of 1-4")
+    parser.add_argument("--eval-block", type=int, default=256, help="tokens per cross-entropy block")
+    parser.add_argument("--eval-blocks", type=int, default=32, help="blocks of text for the cross-entropy")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6, help="alternating blocks of decode steps per context")
     parser.add_argument("--block", type=int, default=4, help="decode steps per block")
@@ -272,6 +351,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.precisions:
+        return precision_run(args)
     builders = {"stories260K": stories260k, "random-width512": random_width512}
 
     result = {"settings": {k: v for k, v in vars(args).items()}, "load_average_at_start": os.getloadavg(),
@@ -285,10 +366,11 @@ def main() -> None:
         result["parameters"][name] = {role: model.num_parameters() for role, model in
                                       (("donor", size.donor), ("converted", size.converted))}
         compiled = not args.no_compile
-        engines = {role: Engine(model, size.tokenizer, background=False, compile=compiled)
+        # prefill_chunk=None: the whole prompt at admission, so that every timed step is a decode step
+        engines = {role: Engine(model, size.tokenizer, background=False, compile=compiled, prefill_chunk=None)
                    for role, model in (("donor", size.donor), ("converted", size.converted))}
         result["contexts"] += context_sweep(size, engines, args)
-        ours = {"engine_eager": Engine(size.converted, size.tokenizer, background=False)}
+        ours = {"engine_eager": Engine(size.converted, size.tokenizer, background=False, prefill_chunk=None)}
         if compiled:
             ours["engine_compiled"] = engines["converted"]
         result["versus_generate"].append(versus_generate(size, ours, args))

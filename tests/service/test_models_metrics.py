@@ -1,9 +1,14 @@
 """`/v1/models` lists the model folders; `/metrics` exposes latency histograms, token counters,
-running and waiting requests and state bytes in Prometheus format."""
+running and waiting requests and state bytes in Prometheus format; the precision setting reaches
+the engines."""
 
 import httpx
 import openai
+import pytest
+from pydantic import ValidationError
 from service_fixtures import API_KEY, metric
+
+from service.config import Settings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -50,3 +55,17 @@ def test_metrics_after_completions(server):
     assert metric(server, "xatl_requests_running", **tiny) == 0
     assert metric(server, "xatl_state_bytes", **tiny) == 0
     assert metric(server, "process_resident_memory_bytes") > 0
+
+
+def test_the_precision_setting_reaches_the_engines(make_server, monkeypatch):
+    monkeypatch.setenv("XATL_PRECISION", "int8")
+    assert Settings().precision == "int8"  # XATL_PRECISION, as `xatl serve --precision` sets it
+    monkeypatch.setenv("XATL_PRECISION", "int4")
+    with pytest.raises(ValidationError, match="precision"):
+        Settings()
+    with make_server(precision="int8") as fresh:
+        client = openai.OpenAI(api_key=API_KEY, base_url=fresh.url + "/v1", max_retries=0)
+        completion = client.completions.create(model="tiny-gla", prompt="Once", max_tokens=3, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert completion.usage.completion_tokens == 3
+        assert fresh.engine("tiny-gla").precision == "int8"

@@ -54,3 +54,16 @@ def test_bad_options_exit_2_with_one_line(model_dir, capsys, arguments, message)
 def test_a_folder_without_a_model_exits_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_precision_option(model_dir, capsys, precision):
+    code = main(["generate", str(model_dir), "--prompt", "Once upon", "--max-new-tokens", "4",
+                 "--temperature", "0", "--ignore-eos", "--json", "--precision", precision])
+    assert code == 0 and json.loads(capsys.readouterr().out)["tokens"] == 4
+
+
+def test_an_unknown_precision_exits_2(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(model_dir), "--prompt", "x", "--precision", "int4"])
+    assert exit_.value.code == 2 and "--precision" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`xatl generate MODEL_DIR --prompt "…" [--max-new-tokens N] [--json]`
+"""`xatl generate MODEL_DIR --prompt "…" [--max-new-tokens N] [--precision fp32|bf16|int8] [--json]`
 
 Streams the completion to the terminal as it is produced, then prints the request's figures: time
 to first token, decode tokens/s, state bytes, peak memory. With `--json` the text streams to
@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop before this text (repeatable, up to 4)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate past the end-of-sequence token")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
+                        help="weights in float32, bfloat16 or int8 (CPU; see xatl.serving.precision); "
+                        "default: as saved")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="one JSON object with the figures on stdout")
 
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = Engine.from_pretrained(args.model_dir, device=args.device, background=False)
+    engine = Engine.from_pretrained(args.model_dir, device=args.device, precision=args.precision,
+                                     background=False)
     text_out = sys.stderr if args.json else sys.stdout
     pieces = []
     for event in engine.generate(args.prompt, params):

@@ -9,6 +9,7 @@ from xatl.serving.engine import (
     GenerationStream,
 )
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
+from xatl.serving.precision import PRECISIONS, apply_precision, weight_bytes
 from xatl.serving.sampling import SamplingParams, sample_next_tokens
 from xatl.serving.text import IncrementalDetokenizer, StopMatcher
 
@@ -18,10 +19,13 @@ __all__ = [
     "EngineStats",
     "GenerationEvent",
     "GenerationStream",
+    "PRECISIONS",
     "IncrementalDetokenizer",
     "RequestFigures",
     "SamplingParams",
     "StopMatcher",
+    "apply_precision",
     "peak_memory_bytes",
     "sample_next_tokens",
+    "weight_bytes",
 ]

@@ -32,6 +32,7 @@ from xatl.loader import load_model
 from xatl.model import XatlForCausalLM
 from xatl.serving.batch import DecodeBatch
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
+from xatl.serving.precision import LOAD_DTYPES, apply_precision, check_precision, model_precision
 from xatl.serving.sampling import SamplingParams, sample_next_tokens
 from xatl.serving.text import IncrementalDetokenizer, StopMatcher
 
@@ -208,11 +209,13 @@ class Engine:
             name); prefill stays eager. See `DecodeBatch.compile`.
         prefill_chunk: prompt tokens prefilled per iteration, between decode steps of the running
             requests (None: every waiting prompt whole, at once).
+        precision: "fp32", "bf16" or "int8" weights (see `xatl.serving.precision`), the model
+            converted in place; None keeps the model as it is.
     """
 
     def __init__(
         self, model: XatlForCausalLM, tokenizer, *, max_batch_size: int = 64, background: bool = True,
-        compile: bool | str = False, prefill_chunk: int | None = 512,
+        compile: bool | str = False, prefill_chunk: int | None = 512, precision: str | None = None,
     ):
         if not isinstance(model, XatlForCausalLM):
             raise ValueError(f"the engine runs XatlForCausalLM models, got {type(model).__name__}")
@@ -221,6 +224,9 @@ class Engine:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if precision is not None:
+            model = apply_precision(model, precision)
+        self.precision = model_precision(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -240,12 +246,17 @@ class Engine:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-        **kwargs,
+        precision: str | None = None, **kwargs,
     ) -> Engine:
         """Load a model folder (as `xatl convert` or `save_pretrained` writes it) and its tokenizer,
-        with `xatl.loader.load_model` (device None: its rule, a GPU where there is one)."""
+        with `xatl.loader.load_model` (device None: its rule, a GPU where there is one).
+        `precision`: "fp32", "bf16" or "int8" weights (None: `dtype`, else the saved dtype)."""
+        if precision is not None:
+            if dtype is not None:
+                raise ValueError("give precision or dtype, not both")
+            dtype = LOAD_DTYPES[check_precision(precision)]
         model, tokenizer = load_model(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, precision=precision, **kwargs)
 
     # ---- submitting ------------------------------------------------------------------------------
 

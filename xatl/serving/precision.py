@@ -1,0 +1,95 @@
+"""The precision of a model's weights in the engine: fp32, bf16 or int8, chosen per model.
+
+- fp32: every weight in float32.
+- bf16: every weight (embeddings, norms and LM head included) in bfloat16; activations run in
+  bfloat16 between the layers.
+- int8: the weights of every `nn.Linear` (the mixers' projections, the MLPs and the LM head, which
+  gets its own int8 copy when it is tied to the input embedding) quantised per output channel to
+  int8, activations quantised at run time, one scale per input tensor (dynamic quantisation,
+  `torch.ao.quantization.quantize_dynamic` with qint8 on the "x86" engine: fbgemm/oneDNN). The input
+  embedding (one row read per token), the norms, the convolutions and the decay parameters stay in
+  float32. CPU only: torch ships no int8 dynamic-quantised linear for CUDA. Of the int8 paths of
+  torch 2.13 on a CPU, this was the fastest for one token at a time: on an AMD EPYC core, a
+  512x32000 LM head took 1.0 ms against 12 ms in fp32, 20 ms in bf16 and 3.6 ms for the weight-only
+  `torch._weight_int8pack_mm` (which needs bf16 activations); fbgemm alone 1.7 ms, oneDNN 1.5 ms.
+  One activation scale per input tensor means the rows decoded together in a batch (and the tokens
+  of a prefill chunk) share it: one stream decoding alone is quantised per token, the closest to
+  fp32 (bench/results/generation/precision has both cross-entropies).
+
+Recurrent state in bf16: the linear-cost mixers accumulate their state in float32 whatever the
+weights' dtype (`torch.promote_types(dtype, float32)`): GLA, retention and Mamba-2 keep their
+(B, H, K, V) / (B, H, N, P) state in float32, Mamba its (B, D, N) SSM state in float32. Mamba's and
+Mamba-2's short convolution window holds the last few inputs in the activations' dtype (bfloat16),
+as does attention's key/value cache: those are inputs kept, not sums that accumulate rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+#: the dtype a model is loaded in before `apply_precision` (int8 quantises from float32)
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+#: the quantised engine's name in torch.backends.quantized, in order of preference
+_INT8_ENGINES = ("x86", "fbgemm", "onednn")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+    """`model` with its weights in `precision`, converted in place (int8: its `nn.Linear` layers are
+    replaced by dynamically quantised ones); returns it."""
+    check_precision(precision)
+    if precision != "int8":
+        return model.to(LOAD_DTYPES[precision])
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"int8 weights run on the CPU only (torch has no int8 dynamic linear for {device.type})")
+    engine = next((name for name in _INT8_ENGINES if name in torch.backends.quantized.supported_engines), None)
+    if engine is None:
+        raise ValueError(f"this torch build has no int8 CPU engine (has {torch.backends.quantized.supported_engines})")
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 still ships it
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {nn.Linear: per_channel_dynamic_qconfig}  # a scale per output row: no slower than one per matrix
+        return quantize_dynamic(model.float(), spec, dtype=torch.qint8, inplace=True)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored: parameters, and the packed int8 weights (with their
+    float32 bias) of dynamically quantised linear layers."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        if _is_quantized_linear(module):
+            weight, bias = module._weight_bias()
+            total += weight.numel() * weight.element_size()
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+    return total
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    """A dynamically quantised linear layer (whose packed weights are a child module of its own)."""
+    packed = getattr(module, "_packed_params", None)
+    return callable(getattr(module, "_weight_bias", None)) and isinstance(packed, nn.Module)
+
+
+def model_precision(model: nn.Module) -> str:
+    """fp32, bf16 or int8, from the model's weights (another float dtype: its torch name)."""
+    if any(_is_quantized_linear(m) for m in model.modules()):
+        return "int8"
+    dtype = next(model.parameters()).dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+__all__ = ["LOAD_DTYPES", "PRECISIONS", "apply_precision", "check_precision", "model_precision", "weight_bytes"]
