@@ -41,7 +41,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainingSpec(_Strict):
+class _Budgeted(_Strict):
+    """What the training and attention-transfer sections share: one budget (tokens or steps) and the
+    text as one file or several."""
+
+    def _check_budget_and_files(self) -> None:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: tokens or steps")
+        if self.training_file and self.training_files:
+            raise ValueError("give training_file or training_files, not both")
+
+    @property
+    def files(self) -> list[str]:
+        return [self.training_file] if self.training_file else list(self.training_files or [])
+
+
+class TrainingSpec(_Budgeted):
     """Continued training: the text, the budget and `xatl.training.TrainConfig`'s options."""
 
     training_file: str | None = Field(None, description="file id, path under an import root, or hub dataset")
@@ -85,17 +100,10 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_budget_and_text(self):
-        if (self.tokens is None) == (self.steps is None):
-            raise ValueError("give exactly one budget: tokens or steps")
+        self._check_budget_and_files()
         if not self.training_file and not self.training_files:
             raise ValueError("give training_file (or training_files)")
-        if self.training_file and self.training_files:
-            raise ValueError("give training_file or training_files, not both")
         return self
-
-    @property
-    def files(self) -> list[str]:
-        return [self.training_file] if self.training_file else list(self.training_files or [])
 
     def train_config(self) -> dict:
         """The `xatl.training.TrainConfig` fields."""
@@ -110,7 +118,7 @@ TEXT_FIELDS = ("training_file", "training_files", "validation_file", "valid_frac
                "block_size")
 
 
-class AttentionTransferSpec(_Strict):
+class AttentionTransferSpec(_Budgeted):
     """Layer-wise attention transfer before end-to-end training: each converted layer's mixer learns
     its donor attention's output (`xatl.training.attention_transfer.AttentionTransferConfig`'s options).
 
@@ -151,15 +159,8 @@ class AttentionTransferSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_budget(self):
-        if (self.tokens is None) == (self.steps is None):
-            raise ValueError("give exactly one budget: tokens or steps")
-        if self.training_file and self.training_files:
-            raise ValueError("give training_file or training_files, not both")
+        self._check_budget_and_files()
         return self
-
-    @property
-    def files(self) -> list[str]:
-        return [self.training_file] if self.training_file else list(self.training_files or [])
 
     def text(self, training: TrainingSpec | None) -> dict:
         """The text fields in effect: this section's file or the training's, each option this
