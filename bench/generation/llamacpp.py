@@ -68,7 +68,8 @@ def gguf_name(name: str) -> str:
 def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Rotate-half rows (first halves, then second halves of each head) -> llama.cpp's interleaved
     pairs, as llama.cpp's `convert_hf_to_gguf.py` permutes q/k."""
-    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])  # (heads, 2 halves, head_dim / 2, in)
+    # (heads, 2 halves, head_dim / 2, in) -> (heads, head_dim / 2, 2, in)
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
     return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
@@ -209,7 +210,8 @@ def agreement(donor: xatl.XatlForCausalLM, files: dict[str, Path], args) -> dict
     return result
 
 
-def measure(args) -> dict:
+def measure(args, result: dict, save) -> None:
+    """Fill `result`, calling `save()` after each context: a long run interrupted keeps what it measured."""
     size = random_width512(args)
     vocab, config = size.donor.config.vocab_size, size.donor.config
     ours = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
@@ -217,8 +219,8 @@ def measure(args) -> dict:
     ours["xatl_donor_fp32"] = Engine(size.donor, size.tokenizer, background=False, prefill_chunk=None)
     for engine in ours.values():
         warm_up(engine, vocab)
-    result = {"weight_bytes_read_per_step": {role: weight_bytes(e.model) for role, e in ours.items()},
-              "contexts": []}
+    result.update(weight_bytes_read_per_step={role: weight_bytes(e.model) for role, e in ours.items()},
+                  contexts=[])
     with tempfile.TemporaryDirectory() as folder:
         files = {t: Path(folder) / f"donor-{t}.gguf" for t in FILE_TYPES}
         for file_type, path in files.items():
@@ -246,7 +248,7 @@ def measure(args) -> dict:
             print(f"context {context:6d}: " + ", ".join(f"{r} {v:.1f}" for r, v in rate.items())
                   + f" tok/s; int8/Q8_0 {row['xatl_int8_over_llamacpp_Q8_0']:.2f}x, "
                   f"bf16/F16 {row['xatl_bf16_over_llamacpp_F16']:.2f}x", flush=True)
-    return result
+            save()
 
 
 def warm_up_llamacpp(server: LlamaCpp, vocab: int) -> None:
@@ -323,10 +325,13 @@ def main() -> None:
     torch.set_flush_denormal(True)
     result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(),
               "versions": llamacpp_versions()}
-    result.update(measure(args))
-    result["load_average_at_end"] = os.getloadavg()
-    result["environment"] = environment()
-    print(f"wrote {write_results('generation/llamacpp', result, markdown(result))}")
+
+    def save() -> None:
+        result["load_average_at_end"] = os.getloadavg()
+        result["environment"] = environment()
+        print(f"wrote {write_results('generation/llamacpp', result, markdown(result))}", flush=True)
+
+    measure(args, result, save)
 
 
 if __name__ == "__main__":
