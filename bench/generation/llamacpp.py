@@ -28,6 +28,7 @@ import copy
 import os
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,8 +187,8 @@ class LlamaCpp:
 def llamacpp_versions() -> dict:
     import llama_cpp
 
-    return {"llama_cpp_python": llama_cpp.__version__, "gguf": gguf.__version__ if hasattr(gguf, "__version__")
-            else None, "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
+    return {"llama_cpp_python": llama_cpp.__version__, "gguf": metadata.version("gguf"),
+            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -210,6 +211,15 @@ def agreement(donor: xatl.XatlForCausalLM, files: dict[str, Path], args) -> dict
     return result
 
 
+def bytes_read(model: xatl.XatlForCausalLM) -> int:
+    """Weight bytes one decode step reads, as stored at the engine's precision: all of them, but one
+    row of the input embedding (counted as `write_gguf` counts llama.cpp's)."""
+    embedding = model.get_input_embeddings().weight
+    if embedding is model.get_output_embeddings().weight:
+        return weight_bytes(model)
+    return weight_bytes(model) - embedding.numel() * embedding.element_size() + embedding[0].nbytes
+
+
 def measure(args, result: dict, save) -> None:
     """Fill `result`, calling `save()` after each context: a long run interrupted keeps what it measured."""
     size = random_width512(args)
@@ -219,7 +229,7 @@ def measure(args, result: dict, save) -> None:
     ours["xatl_donor_fp32"] = Engine(size.donor, size.tokenizer, background=False, prefill_chunk=None)
     for engine in ours.values():
         warm_up(engine, vocab)
-    result.update(weight_bytes_read_per_step={role: weight_bytes(e.model) for role, e in ours.items()},
+    result.update(weight_bytes_read_per_step={role: bytes_read(e.model) for role, e in ours.items()},
                   contexts=[])
     with tempfile.TemporaryDirectory() as folder:
         files = {t: Path(folder) / f"donor-{t}.gguf" for t in FILE_TYPES}
