@@ -32,7 +32,7 @@ install: $(STAMP)
 SAMPLE_TOKENS ?= 1600000
 run: $(STAMP)
 	$(BIN)/xatl sample $(if $(DATA),--data-dir $(DATA)) --link data/sample
-	$(BIN)/xatl serve --sample-job data/sample --sample-tokens $(SAMPLE_TOKENS)
+	$(BIN)/xatl serve --data-dir data --sample-job data/sample --sample-tokens $(SAMPLE_TOKENS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
