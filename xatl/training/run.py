@@ -120,12 +120,7 @@ def run_training(
     teacher = load_teacher(run.teacher, run.teacher_tokenizer, device) if config.distill else None
 
     # 3. Data
-    if blocks is None:
-        blocks = _blocks(run.data, tokenizer, "train", config.seed)
-        valid_blocks = _blocks(run.data, tokenizer, "validation", config.seed)
-    if valid_blocks is not None and next(iter(valid_blocks), None) is None:
-        raise ValueError("the validation split is empty: give validation text, split by block, a larger "
-                         "validation fraction, or a fraction of 0 for none")
+    blocks, valid_blocks = _text_blocks(run.data, tokenizer, config.seed, blocks, valid_blocks)
 
     # 4. Train
     resume = run.resume
@@ -162,18 +157,24 @@ def run_attention_transfer(
     device = pick_device(run.device)
     model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
     teacher = load_teacher(run.teacher, run.teacher_tokenizer, device)
-    if blocks is None:
-        blocks = _blocks(run.data, tokenizer, "train", config.seed)
-        valid_blocks = _blocks(run.data, tokenizer, "validation", config.seed)
-    if valid_blocks is not None and next(iter(valid_blocks), None) is None:
-        raise ValueError("the validation split is empty: give validation text, split by block, a larger "
-                         "validation fraction, or a fraction of 0 for none")
+    blocks, valid_blocks = _text_blocks(run.data, tokenizer, config.seed, blocks, valid_blocks)
     resume = Path(run.resume) if run.resume and run.resume is not True else run.resume
     result = attention_transfer(model, teacher, blocks, config, valid_blocks=valid_blocks, out_dir=out,
                                 resume=resume, tokenizer=tokenizer, on_step=on_event, should_stop=should_stop)
     if not result.stopped and (model_dir / TRANSFER_REPORT).is_file():
         (out / TRANSFER_REPORT).write_text((model_dir / TRANSFER_REPORT).read_text())  # keep the provenance
     return result
+
+
+def _text_blocks(data: TrainingData | None, tokenizer, seed: int, blocks, valid_blocks):
+    """The blocks given, else those of `data`; an empty validation split is an error."""
+    if blocks is None:
+        blocks = _blocks(data, tokenizer, "train", seed)
+        valid_blocks = _blocks(data, tokenizer, "validation", seed)
+    if valid_blocks is not None and next(iter(valid_blocks), None) is None:
+        raise ValueError("the validation split is empty: give validation text, split by block, a larger "
+                         "validation fraction, or a fraction of 0 for none")
+    return blocks, valid_blocks
 
 
 def _blocks(data: TrainingData, tokenizer, split: str, seed: int):
