@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder whose files jobs may name by path (repeatable)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
                         help="weights of the served models: fp32, bf16 or int8 (CPU); default: as saved")
+    parser.add_argument("--compile", choices=["auto", "on", "off"],
+                        help="compile each model's decode step at load, eagerly serving meanwhile (default auto: "
+                        "fp32 and bf16 on a CPU with a C++ compiler)")
     parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
     parser.add_argument("--no-migrate", action="store_true", help="leave the database schema alone: a deployment "
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     for chatty in ("alembic", "httpx"):  # a line per migration plugin and per request of the sample job
         logging.getLogger(chatty).setLevel(logging.WARNING)
     given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
-             "import_roots": args.import_root, "precision": args.precision}
+             "import_roots": args.import_root, "precision": args.precision, "compile": args.compile}
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
     if "XATL_DEFAULT_QUEUE" not in os.environ and not args.no_worker and not _gpus_visible(args.worker_gpus):
         settings = settings.model_copy(update={"default_queue": "cpu"})  # this machine's worker has no GPU

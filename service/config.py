@@ -33,12 +33,23 @@ class Settings(WorkerSettings):
     max_batch_size: int = Field(64, ge=1, description="requests one engine decodes together; others wait")
     loaded_models: int = Field(2, ge=1, description="models kept loaded (least recently used idle ones leave)")
     device: str = "cpu"
-    compile: bool = Field(False, description="compile each model's decode step (torch.compile): faster "
-                          "steps for small models, after about a minute of compiling at the first requests")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="compile each model's decode step (torch.compile) at load, on a thread of its own "
+        "(requests are decoded eagerly until it is ready): auto = where it pays (fp32 and bf16 on a CPU with a "
+        "C++ compiler), on, off")
     precision: Literal["fp32", "bf16", "int8"] | None = Field(
         None, description="weights of every served model: fp32, bf16 or int8 (CPU, dynamic quantisation of the "
         "linear layers); default: as saved")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores but one)")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value):
+        """Earlier versions took a bool: true/false still mean on/off."""
+        words = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return words.get(value.lower(), value) if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

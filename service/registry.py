@@ -45,7 +45,7 @@ class ModelRegistry:
     """
 
     def __init__(self, models_dir: Path, *, capacity: int = 2, device: str = "cpu",
-                 max_batch_size: int = 64, torch_threads: int | None = None, compile: bool = False,
+                 max_batch_size: int = 64, torch_threads: int | None = None, compile: bool | str = "auto",
                  precision: str | None = None):
         self.models_dir = models_dir
         self.capacity = capacity

@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Servers the tests start load tiny models on a shared 2-core machine: compiling their decode step in
+# the background (the service's default, XATL_COMPILE=auto) would only compete with the tests for the
+# cores. tests/serving/test_compiled.py tests compiling itself.
+os.environ.setdefault("XATL_COMPILE", "off")
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

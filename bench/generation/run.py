@@ -91,9 +91,10 @@ def word_tokenizer(size: int) -> PreTrainedTokenizerFast:
 
 
 def weight_bytes_read_per_step(model: xatl.XatlForCausalLM) -> int:
-    """Every parameter is read once per decode step, except the input embedding, of which one row is
-    (unless the LM head shares it and reads it whole)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Weight bytes one decode step reads, as stored at the model's precision (int8's packed weights
+    included): all of them, except the input embedding, of which one row is (unless the LM head
+    shares it and reads it whole)."""
+    total = weight_bytes(model)
     embedding = model.get_input_embeddings().weight
     if embedding is not model.get_output_embeddings().weight:
         total -= embedding.numel() * embedding.element_size() - embedding[0].numel() * embedding.element_size()
@@ -148,8 +149,9 @@ def interleaved_decode(engines: dict[str, Engine], prompt: list[int], args) -> d
 
 
 def warm_up(engine: Engine, vocab: int) -> None:
-    """Two short requests of different lengths: the decode step is compiled (and, with dynamic
-    shapes, compiled once more) here rather than inside a measurement."""
+    """Wait for the decode step compiled at load (if the engine compiles one), then two short
+    requests of different lengths, so that no measurement meets a first call."""
+    engine.wait_until_compiled()
     for length in (16, 24):
         list(engine.submit(random_prompt(length, vocab, seed=length), SamplingParams(max_new_tokens=6, **GREEDY)))
 

@@ -61,7 +61,7 @@ class Attention(Mixer):
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None and past == 0 and length > 1,
+            is_causal=length > 1 and mask is None and past == 0,  # length first: a plain bool when decoding
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
@@ -70,7 +70,8 @@ class Attention(Mixer):
     @staticmethod
     def _mask(attention_mask, past: int, length: int, device) -> torch.Tensor | None:
         """Boolean (B, 1, T, past + T) mask, or None when causal alone is enough."""
-        no_padding = attention_mask is None or bool(attention_mask.all())
+        # a compiled decode step cannot branch on the mask's values: there a given mask is used as given
+        no_padding = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
         if no_padding and (past == 0 or length == 1):
             return None
         total = past + length

@@ -40,12 +40,22 @@ class DecodeBatch:
         self._step_forward = model.decode_step
 
     def compile(self, backend: str = "inductor") -> None:
-        """Compile the decode step's forward with `torch.compile` (dynamic shapes, since rows join and
-        leave and attention caches grow). Per-token Python overhead dominates small models on a CPU;
-        the first steps pay for the compilation (about a minute on a 2-core machine)."""
-        # inductor's C++ wrapper calls the kernels without a Python frame per op: ~2x per step here
-        options = {"cpp_wrapper": True} if backend == "inductor" else None
-        self._step_forward = torch.compile(self.model.decode_step, backend=backend, dynamic=True, options=options)
+        """Compile the decode step now; the first steps pay for the compilation (see
+        `xatl.serving.compiled`, whose `StepCompiler` pays it off the request path instead)."""
+        self.use_step(self.compiled_step(backend))
+
+    def compiled_step(self, backend: str = "inductor"):
+        """The model's decode step under `torch.compile` (compiled at its first calls), dynamic shapes
+        since rows join and leave and attention caches grow."""
+        # inductor's C++ wrapper calls the kernels without a Python frame per op; freezing makes the
+        # weights constants that it prepacks for oneDNN/MKL (xatl.serving.compiled has the figures)
+        # one compile thread: no pool of compiler processes to outlive a server stopped mid-compile
+        options = {"cpp_wrapper": True, "freezing": True, "compile_threads": 1} if backend == "inductor" else None
+        return torch.compile(self.model.decode_step, backend=backend, dynamic=True, options=options)
+
+    def use_step(self, step) -> None:
+        """Decode with `step` (the model's `decode_step` or a compiled one) from the next step on."""
+        self._step_forward = step
 
     @property
     def size(self) -> int:

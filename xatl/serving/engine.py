@@ -31,6 +31,7 @@ import torch
 from xatl.loader import load_model
 from xatl.model import XatlForCausalLM
 from xatl.serving.batch import DecodeBatch
+from xatl.serving.compiled import StepCompiler, compile_backend
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
 from xatl.serving.precision import LOAD_DTYPES, apply_precision, check_precision, model_precision
 from xatl.serving.sampling import SamplingParams, sample_next_tokens
@@ -66,6 +67,8 @@ class EngineStats:
     running: int  # requests in the decode batch
     waiting: int  # submitted, not yet prefilled
     state_bytes: int  # held by the batch's states (attention padding included)
+    decode_step: str = "eager"  # "eager", "compiling" (eager meanwhile), "compiled" or "failed" (eager)
+    compile_seconds: float | None = None  # compiling and warming up the decode step took, once ended
 
 
 class GenerationStream:
@@ -205,8 +208,10 @@ class Engine:
         max_batch_size: requests decoded together; more wait for a free slot.
         background: run the loop on a daemon thread started at the first submission; otherwise
             whoever reads a stream drives the engine (`step()`), as a command-line tool does.
-        compile: compile the decode step with `torch.compile` (True for inductor, or a backend's
-            name); prefill stays eager. See `DecodeBatch.compile`.
+        compile: compile the decode step with `torch.compile`: "auto" (where it pays: fp32 and bf16
+            on a CPU), "on"/True (inductor), "off"/False, or a backend's name. Compiling runs at
+            load on a thread of its own (`xatl.serving.compiled`): requests are decoded eagerly
+            until the compiled step is warm, so none of them waits for it. Prefill stays eager.
         prefill_chunk: prompt tokens prefilled per iteration, between decode steps of the running
             requests (None: every waiting prompt whole, at once).
         precision: "fp32", "bf16" or "int8" weights (see `xatl.serving.precision`), the model
@@ -233,8 +238,8 @@ class Engine:
         self.background = background
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self._batch = DecodeBatch(model)
-        if compile:
-            self._batch.compile("inductor" if compile is True else compile)
+        backend = compile_backend(compile, self.precision, model.device)
+        self._compiler = None if backend is None else StepCompiler(self._batch, backend, model.config.vocab_size)
         self._running: list[_Sequence] = []  # row i of the batch is _running[i]
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Prefill | None = None  # the prompt being prefilled, chunk by chunk
@@ -242,6 +247,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._state_bytes = 0
+        if self._compiler is not None:
+            self._compiler.start()
 
     @classmethod
     def from_pretrained(
@@ -312,7 +319,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         waiting = len(self._waiting) + (self._prefilling is not None)
-        return EngineStats(running=len(self._running), waiting=waiting, state_bytes=self._state_bytes)
+        compiler = self._compiler
+        return EngineStats(running=len(self._running), waiting=waiting, state_bytes=self._state_bytes,
+                           decode_step="eager" if compiler is None else compiler.status,
+                           compile_seconds=None if compiler is None else compiler.seconds)
+
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the compiled decode step is in use (or compiling failed, or there is none:
+        then False), for benchmarks that measure the compiled step only."""
+        return self._compiler is not None and self._compiler.wait(timeout)
 
     def step(self) -> bool:
         """One iteration: drop cancelled requests, admit waiting ones, decode one token for all.

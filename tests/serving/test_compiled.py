@@ -1,0 +1,81 @@
+"""The decode step compiled at load on a thread of its own: which precisions compile by default,
+requests served eagerly meanwhile, the same tokens once compiled, and an eager engine when compiling
+fails."""
+
+import pytest
+import torch
+from serving_fixtures import plans, tiny_model
+
+from xatl.serving import Engine, SamplingParams
+from xatl.serving.compiled import _has_cpp_compiler, compile_backend
+
+PLANS = plans()
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def greedy_tokens(engine: Engine, prompt: list[int], count: int) -> list[int]:
+    events = list(engine.submit(prompt, SamplingParams(max_new_tokens=count, **GREEDY)))
+    assert events[-1].finish_reason == "length", events[-1]
+    return [event.token_id for event in events]
+
+
+def test_auto_compiles_where_it_paid_and_leaves_the_rest_eager():
+    expected = "inductor" if _has_cpp_compiler() else None  # inductor's CPU code is C++
+    assert compile_backend("auto", "fp32", CPU) == expected
+    assert compile_backend("auto", "bf16", CPU) == expected
+    assert compile_backend("auto", "int8", CPU) is None  # graph breaks at every quantised linear
+    assert compile_backend("auto", "fp32", CUDA) is None  # not measured on a GPU yet
+    assert compile_backend("on", "int8", CPU) == compile_backend(True, "fp32", CPU) == "inductor"
+    assert compile_backend("off", "fp32", CPU) is compile_backend(False, "fp32", CPU) is None
+    assert compile_backend("eager", "fp32", CPU) == "eager"
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        compile_backend(3, "fp32", CPU)
+
+
+@pytest.mark.parametrize("plan", ["gla", "mamba2+attention"])
+def test_requests_are_served_while_compiling_and_give_the_same_tokens_after(tokenizer, plan):
+    # dynamo's "eager" backend runs the whole mechanism (thread, warm-up, swap) without a C++ build
+    model = tiny_model(PLANS[plan], len(tokenizer))
+    eager = Engine(model, tokenizer, background=False)
+    compiled = Engine(model, tokenizer, background=False, compile="eager")
+    prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "Héllo wörld, ça va?")]
+
+    during = greedy_tokens(compiled, prompts[0], 6)  # served at once, whatever the compiler's progress
+    assert compiled.wait_until_compiled(timeout=300)
+    assert compiled.stats().decode_step == "compiled" and eager.stats().decode_step == "eager"
+    assert during == greedy_tokens(eager, prompts[0], 6)
+    for prompt in prompts:  # the compiled step, one row and then two rows of different lengths
+        assert greedy_tokens(compiled, prompt, 8) == greedy_tokens(eager, prompt, 8)
+    streams = [compiled.submit(p, SamplingParams(max_new_tokens=5, **GREEDY)) for p in prompts]
+    together = [[event.token_id for event in stream] for stream in streams]
+    assert together == [greedy_tokens(eager, p, 5) for p in prompts]
+
+
+def test_an_engine_whose_compilation_fails_stays_eager_and_serves(tokenizer, caplog):
+    model = tiny_model(PLANS["gla"], len(tokenizer))
+    engine = Engine(model, tokenizer, background=False, compile="no-such-backend")
+    assert not engine.wait_until_compiled(timeout=300)
+    assert engine.stats().decode_step == "failed"
+    assert "compiling the decode step failed; decoding stays eager" in caplog.text
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    assert greedy_tokens(engine, prompt, 5) == greedy_tokens(Engine(model, tokenizer, background=False), prompt, 5)
+
+
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")
+def test_the_default_inductor_step_with_frozen_weights_equals_eager(tokenizer):
+    # the service's default path for fp32: inductor, C++ wrapper, frozen weights (about a minute here)
+    model = tiny_model(["gla", "attention"], len(tokenizer))
+    eager = Engine(model, tokenizer, background=False)
+    compiled = Engine(model, tokenizer, background=False, compile="auto")
+    assert compiled.wait_until_compiled(timeout=900), compiled._compiler.error
+    prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "日本語のテキスト")]
+    for prompt in prompts:
+        assert greedy_tokens(compiled, prompt, 8) == greedy_tokens(eager, prompt, 8)
+    with torch.inference_mode():  # the logits themselves, two rows of different lengths
+        for engine in (eager, compiled):
+            for prompt in prompts:
+                _, states = engine._batch.prefill(torch.tensor([prompt]))
+                engine._batch.add(states, len(prompt))
+        tokens = torch.tensor([5, 9])
+        torch.testing.assert_close(compiled._batch.step(tokens), eager._batch.step(tokens), atol=1e-4, rtol=1e-4)
