@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,13 +51,15 @@ from xatl.serving import Engine, SamplingParams  # noqa: E402
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def engines_for(model, tokenizer, precision: str, args) -> dict[str, Engine]:
-    """Eager and as the service compiles by default; int8 also compiled regardless ("on")."""
-    modes = {"eager": "off", "auto": "auto"} if precision != "int8" or args.skip_int8_on else {
-        "eager": "off", "auto": "auto", "on": "on"}
-    return {f"{precision}/{mode}": Engine(copy.deepcopy(model), tokenizer, background=False, compile=compile,
-                                          precision=precision, prefill_chunk=None)
-            for mode, compile in modes.items()}
+def engines_for(model, tokenizer, precision: str, args) -> dict[str, Callable[[], Engine]]:
+    """Eager and as the service compiles by default (int8 also compiled regardless: "on"), each made
+    when called, so that a compilation starts only when its engine's turn comes."""
+    modes = {"eager": "off", "auto": "auto"}
+    if precision == "int8" and not args.skip_int8_on:
+        modes["on"] = "on"
+    return {f"{precision}/{mode}": functools.partial(
+        Engine, copy.deepcopy(model), tokenizer, background=False, compile=compile, precision=precision,
+        prefill_chunk=None) for mode, compile in modes.items()}
 
 
 def first_request(engine: Engine, vocab: int) -> dict:
@@ -91,7 +95,8 @@ def main() -> None:
     # 1. load: one engine at a time, so that two compilations never overlap
     engines: dict[str, Engine] = {}
     for precision in args.precisions:
-        for name, engine in engines_for(size.converted, size.tokenizer, precision, args).items():
+        for name, make in engines_for(size.converted, size.tokenizer, precision, args).items():
+            engine = make()
             result["load"][name] = first_request(engine, vocab)  # reading its stream drives the engine
             print(f"{name:10s} load: {result['load'][name]}", flush=True)
             engines[name] = engine

@@ -69,3 +69,14 @@ def test_the_precision_setting_reaches_the_engines(make_server, monkeypatch):
                                                extra_body={"ignore_eos": True})
         assert completion.usage.completion_tokens == 3
         assert fresh.engine("tiny-gla").precision == "int8"
+
+
+def test_the_compile_setting_defaults_to_auto_and_still_takes_the_old_booleans(monkeypatch):
+    monkeypatch.delenv("XATL_COMPILE", raising=False)  # tests/conftest.py turns it off for test servers
+    assert Settings().compile == "auto"
+    for given, expected in (("true", "on"), ("false", "off"), ("on", "on"), ("auto", "auto")):
+        monkeypatch.setenv("XATL_COMPILE", given)
+        assert Settings().compile == expected
+    monkeypatch.setenv("XATL_COMPILE", "sometimes")
+    with pytest.raises(ValidationError, match="compile"):
+        Settings()
