@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MIXERS = ("mamba2", "mamba", "retention", "gla", "attention")
 DEFAULT_MIXER = "mamba2"  # xatl.mixers.DEFAULT_MIXER
 TRANSFERS = ("none", "embeddings-only", "xatl-no-oproj", "xatl", "xatl+qkv")
+DEFAULT_TRANSFER = "xatl+qkv"  # xatl.transfer.DEFAULT_TRANSFER
 _OPTIONS = r"(:[a-z_]+=[0-9.e+-]+(,[a-z_]+=[0-9.e+-]+)*)?"
 FREEZE_PATTERN = rf"^(none|steps:\d+|lit{_OPTIONS}|norm-peak{_OPTIONS})$"
 DISTILL = ("", "kl", "hidden", "kl,hidden", "hidden,kl")
@@ -214,7 +215,7 @@ class ConversionJob(_JobBase):
     tokenizer: str | None = Field(None, description="a llama2.c donor's tokenizer .bin (file id or path)")
     mixer: Literal[MIXERS] = DEFAULT_MIXER
     attention_layers: list[int] = Field(default_factory=list, description="layers that keep attention")
-    transfer: Literal[TRANSFERS] = "xatl+qkv"
+    transfer: Literal[TRANSFERS] = DEFAULT_TRANSFER
     mixer_options: dict[str, int | float | str | bool] = Field(default_factory=dict)
     seed: int = Field(0, ge=0, lt=1 << 63, description="seed of what is not transferred")
     training: TrainingSpec | None = None
@@ -307,5 +308,6 @@ def default_model_name(spec: ConversionJob | FineTuneJob, job_id: str, donor_nam
     return "-".join([*parts, short])[:96].strip("-.")
 
 
-__all__ = ["DEFAULT_MIXER", "MIXERS", "STAGES", "TEXT_FIELDS", "TRANSFERS", "AttentionTransferSpec", "ConversionJob",
+__all__ = ["DEFAULT_MIXER", "DEFAULT_TRANSFER",
+           "MIXERS", "STAGES", "TEXT_FIELDS", "TRANSFERS", "AttentionTransferSpec", "ConversionJob",
            "EvaluationSpec", "FineTuneJob", "JobSpec", "TrainingSpec", "default_model_name"]

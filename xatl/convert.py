@@ -12,7 +12,7 @@ from xatl.artifacts import TRANSFER_REPORT, write_json_atomic
 from xatl.donors import Donor, load_donor
 from xatl.mixers import DEFAULT_MIXER
 from xatl.model import XatlForCausalLM
-from xatl.transfer import TransferReport, build_target_config, transfer_weights
+from xatl.transfer import DEFAULT_TRANSFER, TransferReport, build_target_config, transfer_weights
 
 
 @dataclass
@@ -28,7 +28,7 @@ def convert(
     *,
     mixer: str = DEFAULT_MIXER,
     attention_layers: list[int] | tuple[int, ...] = (),
-    transfer: str = "xatl",
+    transfer: str = DEFAULT_TRANSFER,
     mixer_options: dict | None = None,
     tokenizer: str | None = None,
     dtype: torch.dtype | None = None,

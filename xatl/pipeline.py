@@ -63,6 +63,7 @@ from xatl.training.run import (
     run_training,
     start_distributed,
 )
+from xatl.transfer import DEFAULT_TRANSFER
 
 JOB_MARKER = "xatl_job.json"  # in a published model folder: which run made it
 
@@ -73,7 +74,7 @@ class ConvertStage:
     tokenizer: str | None = None  # a llama2.c donor's tokenizer .bin
     mixer: str = DEFAULT_MIXER
     attention_layers: Sequence[int] = ()
-    transfer: str = "xatl+qkv"
+    transfer: str = DEFAULT_TRANSFER
     mixer_options: dict | None = None  # {option: value} for `mixer`
     seed: int = 0
 

@@ -22,6 +22,9 @@ from xatl.donors.spec import Donor
 from xatl.model import XatlForCausalLM
 
 TRANSFER_MODES = ("none", "embeddings-only", "xatl-no-oproj", "xatl", "xatl+qkv")
+#: every entry point's default (`xatl.convert`, `xatl convert`, the pipeline, a job spec): the lowest
+#: loss for mamba2, GLA and retention in bench/results/xatl_vs_scratch; Mamba does better with "xatl"
+DEFAULT_TRANSFER = "xatl+qkv"
 
 _EMBEDDINGS = re.compile(r"^(model\.embed_tokens\.|model\.embed_positions\.|lm_head\.)")
 _SKELETON = re.compile(r"^(model\.layers\.\d+\.(input_layernorm|post_attention_layernorm|mlp)\.|model\.norm\.)")

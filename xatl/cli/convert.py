@@ -8,7 +8,7 @@ import json
 import torch
 
 from xatl.mixers import DEFAULT_MIXER, MIXERS
-from xatl.transfer import TRANSFER_MODES
+from xatl.transfer import DEFAULT_TRANSFER, TRANSFER_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"mixer replacing attention (default: {DEFAULT_MIXER})")
     parser.add_argument("--attention-layers", default="", type=_layer_list, metavar="I,J",
                         help="comma-separated layer indices that keep attention (a hybrid), e.g. 1,3")
-    parser.add_argument("--transfer", default="xatl", choices=TRANSFER_MODES, help="what to copy from the donor")
+    parser.add_argument("--transfer", default=DEFAULT_TRANSFER, choices=TRANSFER_MODES,
+                        help=f"what to copy from the donor (default: {DEFAULT_TRANSFER}; mamba: xatl)")
     parser.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a mixer hyperparameter, e.g. state_size=64 (repeatable)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="dtype of the new model (default: the donor's)")

@@ -18,6 +18,7 @@ different lengths, so that the shapes the batch takes later reuse the compiled c
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -59,6 +60,15 @@ def _has_cpp_compiler() -> bool:
     return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 
 
+def _lower_this_threads_priority() -> None:
+    """Let requests served meanwhile go first: on Linux a thread has its own nice value, and the C++
+    compilers inductor starts from this thread inherit it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: compile at the usual priority
+        pass
+
+
 class StepCompiler:
     """Compiles `batch`'s decode step on a background thread, warms it up on sequences of its own
     and then puts it in place of the eager step.
@@ -88,6 +98,7 @@ class StepCompiler:
 
     def _run(self) -> None:
         start = time.perf_counter()
+        _lower_this_threads_priority()
         try:
             step = self.batch.compiled_step(self.backend)
             self._warm_up(step)
