@@ -191,7 +191,8 @@ def measure_streams(args, result: dict, save) -> None:
     lc.llama_backend_init()
     steps = 2 + args.warmup_steps + args.rounds * args.block
     per_stream = round_up(args.stream_context + steps)
-    size = random_width512(SimpleNamespace(contexts=[per_stream], mixer=args.mixer))
+    longest = max(per_stream, round_up(args.stream_context + max(args.streams) * steps))  # the unified cache's
+    size = random_width512(SimpleNamespace(contexts=[longest], mixer=args.mixer))
     config, vocab = size.donor.config, size.donor.config.vocab_size
     cache_bytes_per_token = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim  # f16 K, V
     engines = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
