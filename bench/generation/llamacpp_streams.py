@@ -284,8 +284,9 @@ def markdown(result: dict) -> str:
         out.append(f"| {row['streams']} | " + " | ".join(
             f"{row[f'{r}_aggregate_decode_tokens_per_s']:.1f}" for r in roles) + " | " + " | ".join(
             f"{row[k]:.2f}x" for k in ratio_keys) + " |")
-    out += ["", "Prefill of all N streams + first decode step (s); state held at the end of warm-up (MB); "
-            "every stream generated the same tokens:", "",
+    out += ["", "Start-up of all N streams (s: llama.cpp evaluates the prompt once and copies its cache, the "
+            "engine prefills each of the N prompts; not like work), the first decode step included; state "
+            "held at the end of warm-up (MB); whether every stream generated the same tokens:", "",
             "| streams | role | prefill + first step (s) | state (MB) | streams agree |", "|---|---|---|---|---|"]
     for row in rows:
         for role in roles:
