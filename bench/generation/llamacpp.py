@@ -17,8 +17,14 @@ timed in alternating blocks (`run.interleaved_decode`); decode tokens/s = 1 / th
 (the tokens after the first). The ratios xatl int8 / llama.cpp Q8_0 and xatl bf16 / llama.cpp F16
 are checked against the issue's goals. Results go to results/generation/llamacpp.
 
+With `--streams 16,64`: N concurrent streams at `--stream-context` tokens, llama.cpp's parallel
+slots against our continuous batching, aggregate decode tokens/s (`llamacpp_streams.py`); results
+go to results/generation/llamacpp/streams.
+
     pip install -e ".[bench]"   # compiles llama.cpp (minutes)
     python bench/generation/llamacpp.py --contexts 512,2048,8192
+    python bench/generation/llamacpp.py --contexts '' --streams 16,64 --stream-context 4096
+    python bench/generation/llamacpp.py --quick   # smoke check of the streams part (~2 min), writes nothing
 """
 
 from __future__ import annotations
@@ -318,21 +324,50 @@ def markdown(result: dict) -> str:
             f"same greedy token {a['same_greedy_token']}" for t, a in result["agreement_with_donor"].items()) + ".",
         "", "Goals (one stream, one thread):", "", *goals(rows),
         "", f"Load average at start / end: {result['load_average_at_start']} / {result['load_average_at_end']} "
-        "(2 cores shared with other work: ratios, not absolute rates, are the result)."]
+        "(2 cores shared with other work: ratios, not absolute rates, are the result).", "",
+        "Concurrent streams (llama.cpp's parallel slots against our continuous batching, `--streams`): "
+        "[streams/README.md](streams/README.md)."]
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", default="512,2048,8192", type=lambda t: [int(x) for x in t.split(",")])
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731 ("" -> none)
+    names = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--contexts", default="512,2048,8192", type=ints, help="one-stream contexts ('': none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mixer", default="gla", help="mixer of the converted model")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4, help="alternating blocks of decode steps per context")
     parser.add_argument("--block", type=int, default=4, help="decode steps per block")
+    parser.add_argument("--streams", default="", type=ints,
+                        help="e.g. 16,64: concurrent streams (llamacpp_streams.py), results to .../llamacpp/streams")
+    parser.add_argument("--stream-context", type=int, default=4096, help="prompt tokens of every concurrent stream")
+    parser.add_argument("--stream-precisions", default="int8,bf16", type=names, help=f"xatl's, of {PRECISIONS}")
+    parser.add_argument("--stream-file-types", default="Q8_0,F16", type=names,
+                        help=f"llama.cpp's, of {tuple(FILE_TYPES)}")
+    parser.add_argument("--stream-kv", default="split", type=names,
+                        help="llama.cpp cache layouts: split (the server's for -np N), unified, or both")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke check of the streams part: 2 and 4 streams at 256 tokens; writes nothing")
     args = parser.parse_args()
+    if args.quick:
+        args.contexts, args.streams, args.stream_context = [], [2, 4], 256
+        args.warmup_steps, args.rounds, args.block = 1, 2, 2
+    for value, allowed, option in ((args.stream_precisions, PRECISIONS, "--stream-precisions"),
+                                   (args.stream_file_types, FILE_TYPES, "--stream-file-types"),
+                                   (args.stream_kv, ("split", "unified"), "--stream-kv")):
+        if not set(value) <= set(allowed):
+            parser.error(f"{option}: {value} not all of {tuple(allowed)}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.contexts:
+        one_stream(args)
+    if args.streams:
+        streams(args)
+
+
+def one_stream(args) -> None:
     result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(),
               "versions": llamacpp_versions()}
 
@@ -343,6 +378,23 @@ def main() -> None:
 
     measure(args, result, save)
 
+
+def streams(args) -> None:
+    import llamacpp_streams  # bench/generation; it imports this module
+
+    result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(),
+              "versions": llamacpp_versions()}
+
+    def save() -> None:
+        result["load_average_at_end"] = os.getloadavg()
+        result["environment"] = environment()
+        if args.quick:
+            print(llamacpp_streams.markdown(result), flush=True)
+        else:
+            folder = write_results("generation/llamacpp/streams", result, llamacpp_streams.markdown(result))
+            print(f"wrote {folder}", flush=True)
+
+    llamacpp_streams.measure_streams(args, result, save)
 
 if __name__ == "__main__":
     main()
