@@ -85,7 +85,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint_and_the_worker_takes_the_next
     assert cancelled["status"] == "cancelled"
     checkpoints = d.store.list_checkpoints(long["id"])
     assert checkpoints and checkpoints[-1]["step"] >= 4  # saved when it stopped
-    assert (d.settings.data_dir / checkpoints[-1]["path"]).is_dir()
+    assert (d.settings.home / checkpoints[-1]["path"]).is_dir()
     assert d.wait_for(short["id"])["status"] == "succeeded"  # the worker went on to the next job
     messages = [e["message"] for e in client.events(long["id"], limit=1000)["data"]]
     assert any("cancel requested" in m for m in messages) and any(m.startswith("cancelled") for m in messages)
