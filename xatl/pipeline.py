@@ -325,7 +325,7 @@ class _Stages:
             return done
         self._stage("evaluate", "started")
         stage = self.spec.evaluate
-        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32, dequantize=True)
         blocks = valid_blocks if valid_blocks is not None else self._validation_blocks(tokenizer)
         result: dict = {}
         if blocks is not None:
@@ -384,7 +384,7 @@ class _Stages:
             return done
         self._stage("profile", "started")
         stage = self.spec.evaluate
-        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32, dequantize=True)
         result = {"model": decode_profile(model, tokenizer, stage.contexts, decode_tokens=stage.decode_tokens)}
         if stage.compare_base:
             result["base"] = decode_profile(self._base_model(), tokenizer, stage.contexts,
