@@ -179,7 +179,8 @@ def build_pipeline(spec, settings: WorkerSettings, store: JobStore, model_name: 
         contexts=e.contexts, decode_tokens=e.decode_tokens)
     device = "cpu" if spec.gpus == 0 else None
     return PipelineSpec(convert=convert, base_model=base_model, attention_transfer=attention_transfer, train=train,
-                        evaluate=evaluate, name=model_name, device=device, datasets=datasets)
+                        evaluate=evaluate, name=model_name, device=device, datasets=datasets,
+                        precision=spec.precision)
 
 
 def _text(text: dict, section: str, local):

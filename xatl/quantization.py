@@ -21,6 +21,8 @@ is quantised by loading it and calling `apply_precision`, or with `xatl quantize
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
@@ -62,10 +64,12 @@ class Int8Linear(DynamicQuantizedLinear):
         """The layer of int8 `weight` (out, in) with one float `scale` per output row."""
         out_features, in_features = weight.shape
         use_int8_engine()
-        layer = cls(in_features, out_features)
-        zero_points = torch.zeros(out_features, dtype=torch.long)
-        qweight = torch._make_per_channel_quantized_tensor(weight.to(torch.int8), scale.double(), zero_points, 0)
-        layer.set_weight_bias(qweight, None if bias is None else bias.float())
+        with warnings.catch_warnings():  # torch announces the quantized tensors' move to torchao; 2.13 has them
+            warnings.simplefilter("ignore")
+            layer = cls(in_features, out_features)
+            zero_points = torch.zeros(out_features, dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(weight.to(torch.int8), scale.double(), zero_points, 0)
+            layer.set_weight_bias(qweight, None if bias is None else bias.float())
         return layer
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
