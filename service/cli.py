@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="folder of servable models (default <data-dir>/models)")
     parser.add_argument("--import-root", action="append", default=None, metavar="DIR",
                         help="a folder whose files jobs may name by path (repeatable)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
-                        help="weights of the served models: fp32, bf16 or int8 (CPU); default: as saved")
+    parser.add_argument("--precision", "--dtype", choices=["fp32", "bf16", "int8"],
+                        help="weights of every served model: fp32, bf16 or int8 (CPU), over the precision each "
+                        "is saved in; default: each as saved")
     parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
     parser.add_argument("--no-migrate", action="store_true", help="leave the database schema alone: a deployment "

@@ -118,6 +118,10 @@ def test_xatl_quantize_writes_a_folder_that_loads_at_its_precision(tokenizer, tm
     loaded, _ = load_model(out, device="cpu")
     assert model_precision(loaded) == "int8"
     assert torch.equal(_logits(loaded), _logits(apply_precision(model, "int8")))
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Once", "--max-new-tokens", "3", "--temperature", "0",
+                 "--ignore-eos", "--json"]) == 0  # int8 as saved, with no option
+    assert json.loads(capsys.readouterr().out)["tokens"] == 3
 
     assert main(["quantize", str(source), str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
     assert model_precision(load_model(tmp_path / "bf16", device="cpu")[0]) == "bf16"
