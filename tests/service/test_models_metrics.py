@@ -90,3 +90,18 @@ def test_each_model_is_served_at_its_saved_precision_unless_the_server_says_othe
             for name in saved:
                 client.completions.create(model=name, prompt="Once", max_tokens=2, extra_body={"ignore_eos": True})
                 assert fresh.engine(name).precision == expected[name], name  # the server's precision wins
+
+
+@pytest.mark.parametrize("config", [
+    {"quantization_config": {"quant_method": "xatl", "weights": "int8"}, "dtype": "float32"},
+    {"dtype": "bfloat16"}, {"torch_dtype": "float32"}, {"dtype": "float16"}, {},
+    {"quantization_config": {"quant_method": "gptq"}},
+])
+def test_the_service_reads_a_saved_precision_as_the_library_does(config, tmp_path):
+    import json
+
+    from service.registry import saved_precision
+    from xatl.artifacts import saved_precision as library_saved_precision
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xatl", **config}))
+    assert saved_precision(tmp_path / "config.json") == library_saved_precision(tmp_path)  # the service's is torch-free
