@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="folder of servable models (default <data-dir>/models)")
     parser.add_argument("--import-root", action="append", default=None, metavar="DIR",
                         help="a folder whose files jobs may name by path (repeatable)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
-                        help="weights of the served models: fp32, bf16 or int8 (CPU); default: as saved")
+    parser.add_argument("--precision", "--dtype", choices=["fp32", "bf16", "int8"],
+                        help="weights of every served model: fp32, bf16 or int8 (CPU), over the precision each "
+                        "is saved in; default: each as saved")
     parser.add_argument("--compile", choices=["auto", "on", "off"],
                         help="compile each model's decode step at load, eagerly serving meanwhile (default auto: "
                         "fp32 and bf16 on a CPU with a C++ compiler)")
@@ -55,32 +56,32 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("alembic", "httpx"):  # a line per migration plugin and per request of the sample job
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
+    given = {"host": args.host, "port": args.port, "home": args.data_dir, "models_dir": args.models_dir,
              "import_roots": args.import_root, "precision": args.precision, "compile": args.compile}
     settings = Settings(**{name: value for name, value in given.items() if value is not None})
     if "XATL_DEFAULT_QUEUE" not in os.environ and not args.no_worker and not _gpus_visible(args.worker_gpus):
         settings = settings.model_copy(update={"default_queue": "cpu"})  # this machine's worker has no GPU
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(parents=True, exist_ok=True)
     settings.resolved_models_dir.mkdir(parents=True, exist_ok=True)
     # the key is printed when it is made; after that, where it is (keys do not belong in logs)
     if settings.api_keys:
         key, shown = settings.api_keys[0], f"{len(settings.api_keys)} from XATL_API_KEYS"
-    elif (key := read_stored_key(settings.data_dir)) is not None:
-        shown = f"the one stored in {settings.data_dir / KEY_FILE}"
+    elif (key := read_stored_key(settings.home)) is not None:
+        shown = f"the one stored in {settings.home / KEY_FILE}"
     else:
-        key = create_stored_key(settings.data_dir)
-        shown = f"{key}  (new, stored in {settings.data_dir / KEY_FILE})"
+        key = create_stored_key(settings.home)
+        shown = f"{key}  (new, stored in {settings.home / KEY_FILE})"
 
     if not args.no_migrate:
         migrate(settings.resolved_database_url)
     children = []
     try:
         if not settings.redis_url:
-            redis, url = start_redis(settings.data_dir / "redis")
+            redis, url = start_redis(settings.home / "redis")
             children.append(redis)
             settings = settings.model_copy(update={"redis_url": url})
         if not args.no_worker:
-            children.append(start_worker(settings.environment(), log=settings.data_dir / "logs" / "worker.log",
+            children.append(start_worker(settings.environment(), log=settings.home / "logs" / "worker.log",
                                          gpus=args.worker_gpus))
         base = f"http://{settings.host}:{settings.port}"
         print(f"xatl service at {base}  (API docs: {base}/docs)")
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Redis: {without_password(settings.redis_url)}" + ("  (embedded, under the data directory)"
                                                                    if embedded else ""))
         if not args.no_worker:
-            print(f"worker log: {settings.data_dir / 'logs' / 'worker.log'}")
+            print(f"worker log: {settings.home / 'logs' / 'worker.log'}")
         app = create_app(settings)
         if args.sample_job:
             from service.sample_job import submit_when_ready

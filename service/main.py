@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="xatl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   dependencies=[Depends(reject_unknown_query)])
     app.state.settings = settings
-    app.state.api_keys = settings.api_keys or [k for k in [read_stored_key(settings.data_dir)] if k]
+    app.state.api_keys = settings.api_keys or [k for k in [read_stored_key(settings.home)] if k]
     app.state.registry = registry
     app.state.metrics = Metrics(registry)
     app.state.limiter = StreamLimiter(settings.max_concurrent_streams)

@@ -1,10 +1,15 @@
 """The models the service can serve: every folder of the models directory with a `config.json`,
 loaded on its first request and kept loaded (the least recently used idle ones leave when more
-than `capacity` are loaded). Loading imports torch; listing does not."""
+than `capacity` are loaded). Loading imports torch; listing does not.
+
+Each model is served at the precision its weights are saved in (config.json: xatl's int8
+`quantization_config`, else its dtype), unless the server was started with a precision
+(`xatl serve --precision`, XATL_PRECISION): that one wins, for every model."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -25,6 +30,7 @@ class ModelFolder:
     name: str
     path: Path
     created: int  # the folder's modification time, seconds since the epoch
+    precision: str | None = None  # the weights as saved: fp32, bf16, int8 (None: unreadable config)
 
 
 class ModelNotFound(LookupError):
@@ -40,8 +46,8 @@ class ModelRegistry:
         max_batch_size: each engine's decode batch.
         torch_threads: torch intra-op threads, set when a model loads; default: all cores but one.
         compile: compile each engine's decode step (see `xatl.serving.Engine`).
-        precision: weights of every model, "fp32", "bf16" or "int8" (see `xatl.serving.precision`);
-            None: as saved.
+        precision: weights of every model, "fp32", "bf16" or "int8" (see `xatl.serving.precision`),
+            over the precision each is saved in; None: each as saved.
     """
 
     def __init__(self, models_dir: Path, *, capacity: int = 2, device: str = "cpu",
@@ -61,10 +67,14 @@ class ModelRegistry:
         if not self.models_dir.is_dir():
             return []
         return [
-            ModelFolder(path.name, path, int(path.stat().st_mtime))
+            ModelFolder(path.name, path, int(path.stat().st_mtime), saved_precision(path / "config.json"))
             for path in sorted(self.models_dir.iterdir())
             if not path.name.startswith(".") and (path / "config.json").is_file()  # hidden: being published
         ]
+
+    def served_precision(self, folder: ModelFolder) -> str | None:
+        """The precision `folder`'s model is (or will be) served at: the server's, else as saved."""
+        return self.precision or folder.precision
 
     def folder(self, name: str) -> ModelFolder:
         for folder in self.folders():
@@ -128,3 +138,20 @@ class ModelRegistry:
             if name != keep and stats.running == 0 and stats.waiting == 0:
                 self._engines.pop(name).close()
                 logger.info("unloaded model %s (least recently used)", name)
+
+
+def saved_precision(config_file: Path) -> str | None:
+    """`xatl.artifacts.saved_precision`, torch-free (importing xatl imports torch): "int8" for xatl's
+    `quantization_config`, else the config's dtype as fp32 or bf16 (another by its name)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        return quantization.get("weights", "int8") if quantization.get("quant_method") == "xatl" else \
+            str(quantization.get("quant_method"))
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)

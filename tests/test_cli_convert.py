@@ -121,9 +121,11 @@ def test_every_entry_point_defaults_to_the_same_mixer():
     from xatl.cli import convert as convert_command
     from xatl.mixers import DEFAULT_MIXER
     from xatl.pipeline import ConvertStage
+    from xatl.serving import PRECISIONS
     from xatl.transfer import TRANSFER_MODES
 
     assert set(specs.MIXERS) == set(MIXERS) and specs.TRANSFERS == TRANSFER_MODES
+    assert specs.PRECISIONS == PRECISIONS
     parser = argparse.ArgumentParser()
     convert_command.add_arguments(parser)
     convert_args = parser.parse_args(["donor", "--out", "out"])

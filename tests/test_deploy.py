@@ -211,12 +211,12 @@ def test_the_environment_compose_passes_is_valid_settings(config, monkeypatch):
         for name, value in environment.items():
             monkeypatch.setenv(name, value or "")
         settings = Settings()
-        assert settings.data_dir == Path("/data") and settings.resolved_models_dir == Path("/data/models")
+        assert settings.home == Path("/data") and settings.resolved_models_dir == Path("/data/models")
         assert settings.torch_threads is None and settings.api_keys == []  # "" is unset
         assert settings.redis_url == "redis://:redis-secret-1@redis:6379/0"
         assert settings.database_url == "postgresql+psycopg://xatl:postgres-secret-2@postgres:5432/xatl"
         assert {mount["target"]: mount["source"] for mount in config["services"][service]["volumes"]} == {
-            str(settings.data_dir): "xatl-home"}, service  # one shared volume, at XATL_HOME
+            str(settings.home): "xatl-home"}, service  # one shared volume, at XATL_HOME
 
 
 # --- what starts before what ------------------------------------------------------------------------------

@@ -11,18 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
     # an empty variable is an unset one (docker compose passes `${XATL_TORCH_THREADS:-}` as "")
-    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", populate_by_name=True,
-                                      env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix="XATL_", extra="ignore", env_ignore_empty=True)
 
-    data_dir: Path = Field(Path("data"), validation_alias="XATL_HOME", description="the deployment's files")
-    models_dir: Path | None = Field(None, description="published models; default: <data_dir>/models")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite at <data_dir>/xatl.db")
+    # `home`, read from XATL_HOME alone: a field named `data_dir` (even aliased, with populate_by_name)
+    # also answered to XATL_DATA_DIR, the data sets' folder, and put a deployment's files there
+    home: Path = Field(Path("data"), description="the deployment's files (the data directory)")
+    models_dir: Path | None = Field(None, description="published models; default: <home>/models")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite at <home>/xatl.db")
     redis_url: str | None = Field(None, description="Celery's broker; default (xatl serve): an embedded Redis")
     import_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="folders whose files jobs may name by path (comma-separated)")
@@ -34,6 +35,14 @@ class WorkerSettings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, ge=1, description="largest file accepted by POST /v1/files")
     max_unpacked_bytes: int = Field(8 << 30, ge=1, description="most an uploaded archive may unpack to")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_data_dir(cls, values):
+        # the field's old name: ignored like any unknown name, it would leave the deployment in ./data
+        if isinstance(values, dict) and "data_dir" in values:
+            raise ValueError("data_dir is now `home` (env XATL_HOME)")
+        return values
+
     @field_validator("import_roots", mode="before")
     @classmethod
     def _split_roots(cls, value):
@@ -43,24 +52,24 @@ class WorkerSettings(BaseSettings):
 
     @property
     def resolved_models_dir(self) -> Path:
-        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+        return self.models_dir if self.models_dir is not None else self.home / "models"
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'xatl.db').resolve()}"
+        return self.database_url or f"sqlite:///{(self.home / 'xatl.db').resolve()}"
 
     @property
     def files_dir(self) -> Path:
-        return self.data_dir / "files"
+        return self.home / "files"
 
     @property
     def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+        return self.home / "jobs"
 
     def environment(self) -> dict[str, str]:
         """These settings as `XATL_` variables, for the processes a worker or `xatl serve` starts."""
         values = {
-            "XATL_HOME": str(self.data_dir.resolve()), "XATL_MODELS_DIR": str(self.resolved_models_dir.resolve()),
+            "XATL_HOME": str(self.home.resolve()), "XATL_MODELS_DIR": str(self.resolved_models_dir.resolve()),
             "XATL_DATABASE_URL": self.resolved_database_url, "XATL_DEFAULT_QUEUE": self.default_queue,
             "XATL_LEASE_SECONDS": str(self.lease_seconds), "XATL_REDISPATCH_SECONDS": str(self.redispatch_seconds),
             "XATL_IMPORT_ROOTS": ",".join(str(p.resolve()) for p in self.import_roots),

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.store import migrate
 
     settings = WorkerSettings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url)
     print(f"database at the newest schema: {_safe(settings.resolved_database_url)}")
     return 0

@@ -179,7 +179,8 @@ def build_pipeline(spec, settings: WorkerSettings, store: JobStore, model_name: 
         contexts=e.contexts, decode_tokens=e.decode_tokens)
     device = "cpu" if spec.gpus == 0 else None
     return PipelineSpec(convert=convert, base_model=base_model, attention_transfer=attention_transfer, train=train,
-                        evaluate=evaluate, name=model_name, device=device, datasets=datasets)
+                        evaluate=evaluate, name=model_name, device=device, datasets=datasets,
+                        precision=spec.precision)
 
 
 def _text(text: dict, section: str, local):
@@ -204,7 +205,7 @@ def resolve_reference(reference: str, param: str, settings: WorkerSettings, stor
     record = store.get_file(ref.value)
     if record is None:
         raise BadReference(f"{param}: no file {ref.value}", param=param, code="file_not_found", status=404)
-    return str(settings.data_dir / record["path"])
+    return str(settings.home / record["path"])
 
 
 def check_local_files(spec, settings: WorkerSettings) -> None:
@@ -248,7 +249,7 @@ def main(argv: list[str]) -> int:
         logger.error("job %s is not leased to %s", job_id, owner)
         return EXIT_LEASE_LOST
     stop = _Stop(store, job_id, owner)
-    record = _Recorder(store, job_id, owner, settings.data_dir)
+    record = _Recorder(store, job_id, owner, settings.home)
     try:
         spec = TypeAdapter(JobSpec).validate_python(job["spec"])
         check_local_files(spec, settings)  # before torch is imported: a bad file fails the job in a second
@@ -330,7 +331,7 @@ def storage_problem(error: BaseException, settings: WorkerSettings) -> tuple[str
         return None
     number, filename = found
     code, meaning = STORAGE_ERRORS[number]
-    roots = [("data directory", settings.data_dir.resolve()),
+    roots = [("data directory", settings.home.resolve()),
              ("models directory", settings.resolved_models_dir.resolve())]
     where, what = "data directory", ""
     if filename is not None:

@@ -4,7 +4,8 @@
      "training": {"training_file": "file-…", "steps": 400, "lr": 3e-3},
      "evaluation": {"contexts": [128, 512]}, "suffix": "stories"}
 
-    {"type": "fine_tune", "model": "stories260K-gla", "training": {"training_file": "file-…", "tokens": 1000000}}
+    {"type": "fine_tune", "model": "stories260K-gla", "training": {"training_file": "file-…", "tokens": 1000000},
+     "precision": "int8"}
 
     {"type": "conversion", "donor": "file-…", "mixer": "gla", "stages": ["attention_transfer", "train"],
      "attention_transfer": {"tokens": 2000000, "lr": 3e-3}, "training": {"training_file": "file-…", "tokens": 1000000}}
@@ -14,9 +15,10 @@ Torch-free (the job routes import it). The names follow `xatl`: the conversion f
 transfer fields `xatl.training.attention_transfer.AttentionTransferConfig`'s, so a spec maps onto
 `xatl.pipeline.PipelineSpec` field by field. A conversion's `stages` lists its training stages in
 the order they run: `["train"]` (the default), `["attention_transfer", "train"]`, or
-`["attention_transfer"]`. Unknown fields are errors. Files are named by a
-file id (`file-…`, from POST /v1/files), an absolute path under the configured import roots, or
-a Hugging Face hub id (`org/name`); see `worker.references`.
+`["attention_transfer"]`. `precision` (fp32, bf16 or int8) is the published model's weights, as
+saved and served (training runs in float; `xatl.serving.precision`). Unknown fields are errors.
+Files are named by a file id (`file-…`, from POST /v1/files), an absolute path under the configured
+import roots, or a Hugging Face hub id (`org/name`); see `worker.references`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ FREEZE_PATTERN = rf"^(none|steps:\d+|lit{_OPTIONS}|norm-peak{_OPTIONS})$"
 DISTILL = ("", "kl", "hidden", "kl,hidden", "hidden,kl")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 STAGES = ("attention_transfer", "train")  # a conversion's training stages, in the order they run
+PRECISIONS = ("fp32", "bf16", "int8")  # xatl.serving.PRECISIONS: a published model's weights
 
 
 class _Strict(BaseModel):
@@ -207,6 +210,9 @@ class _JobBase(_Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="the resulting model's name")
     suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,40}$", description="added to the default name")
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs to train on (0: CPU; >1: data-parallel)")
+    precision: Literal[PRECISIONS] = Field("fp32", description="the published model's weights, as it is saved and "
+                                           "served: fp32, bf16, or int8 (int8 linear layers; served on the CPU). "
+                                           "Training runs in float either way")
 
 
 class ConversionJob(_JobBase):
@@ -308,6 +314,6 @@ def default_model_name(spec: ConversionJob | FineTuneJob, job_id: str, donor_nam
     return "-".join([*parts, short])[:96].strip("-.")
 
 
-__all__ = ["DEFAULT_MIXER", "DEFAULT_TRANSFER",
-           "MIXERS", "STAGES", "TEXT_FIELDS", "TRANSFERS", "AttentionTransferSpec", "ConversionJob",
-           "EvaluationSpec", "FineTuneJob", "JobSpec", "TrainingSpec", "default_model_name"]
+__all__ = ["DEFAULT_MIXER", "DEFAULT_TRANSFER", "MIXERS", "PRECISIONS", "STAGES", "TEXT_FIELDS", "TRANSFERS",
+           "AttentionTransferSpec", "ConversionJob", "EvaluationSpec", "FineTuneJob", "JobSpec", "TrainingSpec",
+           "default_model_name"]

@@ -115,6 +115,25 @@ def read_tensor_origins(model_dir: str | Path) -> dict[str, str]:
     return origins
 
 
+#: what `saved_precision` names the float dtypes of config.json
+_DTYPE_PRECISIONS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def saved_precision(model_dir: str | Path) -> str | None:
+    """The precision a model folder's weights are saved in, from its config.json: "int8" (xatl's
+    `quantization_config`), "fp32" or "bf16" (its dtype; another float dtype by its name); None
+    without a config."""
+    config = read_json(Path(model_dir) / "config.json")
+    if not isinstance(config, dict):
+        return None
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        return quantization.get("weights", "int8") if quantization.get("quant_method") == "xatl" else \
+            str(quantization.get("quant_method"))
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return _DTYPE_PRECISIONS.get(dtype, dtype)
+
+
 def model_card(*, name: str, base_model: str | None, tags: list[str], datasets: list[str], summary: str,
                figures: dict | None = None) -> str:
     """A Hugging Face model card: YAML front matter, then what the model is and what was measured."""
@@ -146,6 +165,6 @@ def _cell(value) -> str:
 
 __all__ = [
     "LOSS_CURVE", "METRICS_FILE", "MODEL_CARD", "RESULT_FILE", "TENSOR_ORIGINS", "TRANSFER_REPORT", "model_card",
-    "publish", "read_json", "read_tensor_origins", "read_transfer_report", "remove_tree", "staging_dir",
-    "write_atomic", "write_json_atomic",
+    "publish", "read_json", "read_tensor_origins", "read_transfer_report", "remove_tree", "saved_precision",
+    "staging_dir", "write_atomic", "write_json_atomic",
 ]

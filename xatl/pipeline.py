@@ -47,11 +47,13 @@ from xatl.artifacts import (
     model_card,
     publish,
     read_json,
+    saved_precision,
     write_atomic,
     write_json_atomic,
 )
 from xatl.loader import pick_device
 from xatl.mixers import DEFAULT_MIXER
+from xatl.serving.precision import apply_precision, check_precision, save_at_precision
 from xatl.training.attention_transfer import AttentionTransferConfig
 from xatl.training.loop import TrainConfig
 from xatl.training.run import (
@@ -117,8 +119,10 @@ class PipelineSpec:
     name: str | None = None  # the model's name in its card
     device: str | None = None
     datasets: Sequence[str] = field(default_factory=tuple)  # named in the model card
+    precision: str = "fp32"  # the published weights: fp32, bf16 or int8 (see xatl.serving.precision)
 
     def __post_init__(self):
+        check_precision(self.precision)
         if (self.convert is None) == (self.base_model is None):
             raise ValueError("a pipeline starts from a donor to convert or from a base model, exactly one")
         if self.attention_transfer is not None and self.convert is None:
@@ -326,7 +330,7 @@ class _Stages:
             return done
         self._stage("evaluate", "started")
         stage = self.spec.evaluate
-        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32, dequantize=True)
         blocks = valid_blocks if valid_blocks is not None else self._validation_blocks(tokenizer)
         result: dict = {}
         if blocks is not None:
@@ -339,6 +343,10 @@ class _Stages:
                                                           max_batches=stage.max_batches).loss
                 result["gap"] = result["valid_loss"] - result["base_valid_loss"]
                 del base
+            if self.spec.precision != "fp32":  # the published weights' loss too (int8 runs on the CPU)
+                model = apply_precision(model.cpu() if self.spec.precision == "int8" else model, self.spec.precision)
+                result[f"valid_loss_{self.spec.precision}"] = evaluate_loss(
+                    model, blocks, batch_size=stage.batch_size, max_batches=stage.max_batches).loss
         if stage.lm_eval_tasks:
             harness = run_lm_eval(model_dir, list(stage.lm_eval_tasks), limit=stage.lm_eval_limit,
                                   device=str(self.device))
@@ -385,7 +393,7 @@ class _Stages:
             return done
         self._stage("profile", "started")
         stage = self.spec.evaluate
-        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32)
+        model, tokenizer = load_model(model_dir, device=self.device, dtype=torch.float32, dequantize=True)
         result = {"model": decode_profile(model, tokenizer, stage.contexts, decode_tokens=stage.decode_tokens)}
         if stage.compare_base:
             result["base"] = decode_profile(self._base_model(), tokenizer, stage.contexts,
@@ -411,6 +419,8 @@ class _Stages:
             from xatl.plots import loss_curve
 
             loss_curve(partial / METRICS_FILE, partial / LOSS_CURVE, title=self.spec.name or "training")
+        if saved_precision(partial) != self.spec.precision:  # weights saved as they are served
+            save_at_precision(partial, partial, self.spec.precision)
         write_atomic(partial / MODEL_CARD, self._card(result))
         write_json_atomic(partial / JOB_MARKER, {"job_id": job_id, "result": result.to_dict()})
         partial.rename(out)
@@ -445,12 +455,14 @@ class _Stages:
                         f"({at['tokens']:,} tokens)")
         if result.train:
             summary += f", then trained for {result.train['steps']} steps ({result.train['tokens']:,} tokens)"
-        figures = {}
+        if spec.precision != "fp32":
+            summary += f", saved with {spec.precision} weights (the figures are float32's where not named)"
+        figures = {"weights": _WEIGHTS[spec.precision]}
         if result.transfer:
             figures["parameters"] = result.transfer.get("parameters")
             figures["fraction transferred from the donor"] = result.transfer.get("fraction_transferred")
         if result.evaluation:
-            for key in ("valid_loss", "base_valid_loss", "gap"):
+            for key in ("valid_loss", f"valid_loss_{spec.precision}", "base_valid_loss", "gap"):
                 if key in result.evaluation:
                     figures[key.replace("_", " ") + " (nats/token)"] = result.evaluation[key]
         for row in (result.profile or {}).get("model", []):
@@ -460,6 +472,10 @@ class _Stages:
         hub_id = None if Path(base).exists() else base  # the card's base_model names a hub model, not a file
         return model_card(name=spec.name or "xatl model", base_model=hub_id, tags=tags,
                           datasets=list(spec.datasets), summary=summary + ".", figures=figures)
+
+
+_WEIGHTS = {"fp32": "fp32 (float32)", "bf16": "bf16 (bfloat16)",
+            "int8": "int8 (linear layers int8 with a float32 scale per row; embeddings and norms float32; CPU)"}
 
 
 def _source_name(source: str) -> str:

@@ -45,7 +45,7 @@ async def upload_file(request: Request, file: UploadFile, purpose: Annotated[str
         raise
     record = await run_in_threadpool(lambda: store.add_file(
         file_id=file_id, filename=safe_filename(file.filename or "upload"), purpose=purpose, bytes=stored.bytes,
-        kind=stored.kind, path=str(stored.path.relative_to(settings.data_dir)), details=stored.details))
+        kind=stored.kind, path=str(stored.path.relative_to(settings.home)), details=stored.details))
     return FileObject.from_record(record)
 
 

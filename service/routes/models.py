@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("")
 async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=f.name, created=f.created) for f in registry.folders()])
+    return ModelList(data=[_card(f, registry) for f in registry.folders()])
 
 
 @router.get("/{model}")
@@ -28,7 +28,11 @@ async def retrieve_model(model: str, registry: RegistryDep) -> ModelCard:
         folder = registry.folder(model)
     except ModelNotFound:
         raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found") from None
-    return ModelCard(id=folder.name, created=folder.created)
+    return _card(folder, registry)
+
+
+def _card(folder, registry) -> ModelCard:
+    return ModelCard(id=folder.name, created=folder.created, precision=registry.served_precision(folder))
 
 
 @router.delete("/{model}")

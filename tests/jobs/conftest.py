@@ -96,11 +96,11 @@ class Deployment:
     def __init__(self, root: Path, redis_url: str, database_url: str | None = None, **overrides):
         self.root = root
         (root / "imports").mkdir(parents=True, exist_ok=True)
-        values = dict(api_keys=[API_KEY], data_dir=root / "data", redis_url=redis_url, database_url=database_url,
+        values = dict(api_keys=[API_KEY], home=root / "data", redis_url=redis_url, database_url=database_url,
                       import_roots=[root / "imports"], lease_seconds=3.0, redispatch_seconds=5.0, torch_threads=1,
                       max_prompt_tokens=512, max_tokens=256, max_batch_size=4)
         self.settings = Settings(**{**values, **overrides})
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.home.mkdir(parents=True, exist_ok=True)
         migrate(self.settings.resolved_database_url)
         self.store = JobStore(self.settings.resolved_database_url)
         self.server: ServerThread | None = None

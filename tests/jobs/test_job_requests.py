@@ -79,6 +79,10 @@ def test_bad_specs_are_400s_naming_the_field_and_queue_nothing(api):
         ({"type": "fine_tune", "model": "m", "stages": ["attention_transfer"],
           "training": {"training_file": text, "steps": 1}}, 400, "stages", "extra_forbidden"),
         ({**donor, "name": "../escape"}, 400, "name", None),
+        ({**donor, "precision": "int4"}, 400, "precision", None),  # the published weights: fp32, bf16 or int8
+        ({**donor, "precision": "fp16"}, 400, "precision", None),  # a training precision, not a saved one
+        ({"type": "fine_tune", "model": "m", "training": {"training_file": text, "steps": 1}, "precision": 8}, 400,
+         "precision", None),
         ({"type": "conversion", "donor": "file-" + "0" * 24}, 404, "donor", "file_not_found"),
         ({"type": "conversion", "donor": "relative/../path.bin"}, 400, "donor", "invalid_reference"),
         ({"type": "conversion", "donor": "/etc/passwd"}, 400, "donor", "path_not_allowed"),
@@ -213,4 +217,7 @@ def test_a_conversion_lists_its_stages_and_the_default_follows_the_training_sect
     assert trained.json()["spec"]["stages"] == ["train"] and trained.json()["spec"]["attention_transfer"] is None
     alone = http.post("/v1/jobs", json={"type": "conversion", "donor": "org/m", "suffix": "c"})
     assert alone.json()["spec"]["stages"] == []  # a conversion alone
+    assert alone.json()["spec"]["precision"] == "fp32"  # published as trained, by default
+    int8 = http.post("/v1/jobs", json={"type": "conversion", "donor": "org/m", "suffix": "q", "precision": "int8"})
+    assert int8.status_code == 200 and int8.json()["spec"]["precision"] == "int8", int8.text
     _refused(http.delete(f"/v1/files/{text}"), 409, "file_id", "file_in_use")

@@ -1,7 +1,8 @@
 """Jobs as a user runs them: real Redis, real worker processes, a real uvicorn server, the REST
 API through the project's client and the official openai client. Upload, convert and train,
-follow the events to the end, stream from the new model, fine-tune it; cancel; kill a worker's
-whole process tree mid-training and see another resume the job from its checkpoint."""
+follow the events to the end, stream from the new model (published int8), fine-tune it (published
+bf16); cancel; kill a worker's whole process tree mid-training and see another resume the job from
+its checkpoint."""
 
 import json
 import time
@@ -21,7 +22,7 @@ def test_upload_convert_train_follow_serve_then_fine_tune(deployment, donor_dir,
     corpus = client.upload(corpus_file, purpose="train")
     assert corpus["kind"] == "jsonl"
 
-    job = client.create_job(conversion_spec(donor["id"], corpus["id"], suffix="e2e"))
+    job = client.create_job(conversion_spec(donor["id"], corpus["id"], suffix="e2e", precision="int8"))
     assert job["status"] == "queued" and job["model"].startswith("tiny-llama-gla-e2e-")
     events = list(client.follow(job["id"]))  # server-sent events until the job ends
     finished = client.job(job["id"])
@@ -45,22 +46,31 @@ def test_upload_convert_train_follow_serve_then_fine_tune(deployment, donor_dir,
     assert artifacts == {"metrics.jsonl", "loss_curve.png", "transfer_report.json", "README.md"}
     card = d.http().get(f"/v1/jobs/{job['id']}/artifacts/README.md").text
     assert card.startswith("---\n") and "gla" in card
+    assert "| weights | int8 (" in card and "| valid loss int8 (nats/token) |" in card
+    # published with int8 weights: int8 on disk, and the int8 model's loss beside the float one's
+    assert result["evaluation"]["valid_loss_int8"] == pytest.approx(result["evaluation"]["valid_loss"], rel=0.05)
+    folder = d.settings.resolved_models_dir / job["model"]
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "xatl"
 
     # served at once, through the OpenAI client
     openai_client = openai.OpenAI(api_key=API_KEY, base_url=d.url + "/v1", max_retries=0)
-    assert job["model"] in [m.id for m in openai_client.models.list().data]
+    assert {m.id: m.precision for m in openai_client.models.list().data}[job["model"]] == "int8"
     chunks = list(openai_client.completions.create(model=job["model"], prompt="the cat", max_tokens=5, stream=True,
                                                    extra_body={"ignore_eos": True}))
     assert sum(len(c.choices[0].text) > 0 for c in chunks if c.choices) >= 1
+    from xatl.serving import Engine  # what the service loaded: the int8 weights as saved
+
+    assert Engine.from_pretrained(folder, device="cpu", background=False).precision == "int8"
 
     # a fine-tune of the new model
-    tune = client.create_job({"type": "fine_tune", "model": job["model"], "name": "tiny-tuned",
+    tune = client.create_job({"type": "fine_tune", "model": job["model"], "name": "tiny-tuned", "precision": "bf16",
                               "training": {"training_file": corpus["id"], "steps": 3, "batch_size": 4,
                                            "block_size": 16, "valid_fraction": 0.2},
                               "evaluation": {"contexts": [8], "decode_tokens": 3, "max_batches": 2}})
     tuned = d.wait_for(tune["id"])
     assert tuned["status"] == "succeeded", tuned["error"]
     assert "tiny-tuned" in client.models()
+    assert openai_client.models.retrieve("tiny-tuned").precision == "bf16"  # trained from the int8 one, dequantised
     assert tuned["result"]["evaluation"]["base_valid_loss"] == pytest.approx(
         result["evaluation"]["valid_loss"], rel=0.2)  # its base is the model the first job made
 
@@ -85,7 +95,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint_and_the_worker_takes_the_next
     assert cancelled["status"] == "cancelled"
     checkpoints = d.store.list_checkpoints(long["id"])
     assert checkpoints and checkpoints[-1]["step"] >= 4  # saved when it stopped
-    assert (d.settings.data_dir / checkpoints[-1]["path"]).is_dir()
+    assert (d.settings.home / checkpoints[-1]["path"]).is_dir()
     assert d.wait_for(short["id"])["status"] == "succeeded"  # the worker went on to the next job
     messages = [e["message"] for e in client.events(long["id"], limit=1000)["data"]]
     assert any("cancel requested" in m for m in messages) and any(m.startswith("cancelled") for m in messages)

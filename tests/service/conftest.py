@@ -19,7 +19,7 @@ def models_dir(tmp_path_factory, tokenizer):
 
 
 def settings_for(models_dir, tmp_path, **overrides) -> Settings:
-    values = dict(api_keys=[API_KEY], data_dir=tmp_path, models_dir=models_dir, max_prompt_tokens=64,
+    values = dict(api_keys=[API_KEY], home=tmp_path, models_dir=models_dir, max_prompt_tokens=64,
                   max_tokens=100_000, max_concurrent_streams=8, max_batch_size=4, torch_threads=1)
     return Settings(**{**values, **overrides})
 

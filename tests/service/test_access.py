@@ -121,7 +121,7 @@ def test_keys_are_never_logged_nor_echoed(models_dir, tmp_path, caplog):
 
 
 def test_what_jobs_and_uploads_store_is_reachable_only_through_their_routes(guarded):
-    data = guarded.app.state.settings.data_dir
+    data = guarded.app.state.settings.home
     stored_key = create_stored_key(data)  # a file in the data directory, beside the database and uploads
     auth = {"Authorization": f"Bearer {API_KEY}"}
     upload = httpx.post(guarded.url + "/v1/files", headers=auth, data={"purpose": "train"},

@@ -1,12 +1,13 @@
 """`/v1/models` lists the model folders; `/metrics` exposes latency histograms, token counters,
 running and waiting requests and state bytes in Prometheus format; the precision setting reaches
-the engines."""
+the engines; each model is served at the precision it is saved in unless the server's precision
+says otherwise."""
 
 import httpx
 import openai
 import pytest
 from pydantic import ValidationError
-from service_fixtures import API_KEY, metric
+from service_fixtures import API_KEY, ServerThread, metric, save_tiny_model
 
 from service.config import Settings
 
@@ -80,3 +81,38 @@ def test_the_compile_setting_defaults_to_auto_and_still_takes_the_old_booleans(m
     monkeypatch.setenv("XATL_COMPILE", "sometimes")
     with pytest.raises(ValidationError, match="compile"):
         Settings()
+
+
+def test_each_model_is_served_at_its_saved_precision_unless_the_server_says_otherwise(tokenizer, tmp_path):
+    from xatl.serving.precision import save_at_precision
+
+    models = tmp_path / "models"
+    save_tiny_model(models / "tiny-fp32", ["gla", "attention"], tokenizer)
+    save_at_precision(models / "tiny-fp32", models / "tiny-int8", "int8")  # as `xatl quantize` writes it
+    save_at_precision(models / "tiny-fp32", models / "tiny-bf16", "bf16")
+    saved = {"tiny-bf16": "bf16", "tiny-fp32": "fp32", "tiny-int8": "int8"}
+    settings = dict(api_keys=[API_KEY], home=tmp_path, models_dir=models, max_batch_size=2, torch_threads=1)
+    for server_precision in (None, "fp32"):
+        with ServerThread(Settings(**settings, precision=server_precision)) as fresh:
+            client = openai.OpenAI(api_key=API_KEY, base_url=fresh.url + "/v1", max_retries=0)
+            expected = {name: server_precision or precision for name, precision in saved.items()}
+            assert {m.id: m.precision for m in client.models.list().data} == expected
+            assert client.models.retrieve("tiny-int8").precision == expected["tiny-int8"]
+            for name in saved:
+                client.completions.create(model=name, prompt="Once", max_tokens=2, extra_body={"ignore_eos": True})
+                assert fresh.engine(name).precision == expected[name], name  # the server's precision wins
+
+
+@pytest.mark.parametrize("config", [
+    {"quantization_config": {"quant_method": "xatl", "weights": "int8"}, "dtype": "float32"},
+    {"dtype": "bfloat16"}, {"torch_dtype": "float32"}, {"dtype": "float16"}, {},
+    {"quantization_config": {"quant_method": "gptq"}},
+])
+def test_the_service_reads_a_saved_precision_as_the_library_does(config, tmp_path):
+    import json
+
+    from service.registry import saved_precision
+    from xatl.artifacts import saved_precision as library_saved_precision
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xatl", **config}))
+    assert saved_precision(tmp_path / "config.json") == library_saved_precision(tmp_path)  # the service's is torch-free

@@ -47,7 +47,7 @@ def _flushing(denormal: float) -> bool:
 def fuzzed(tmp_path_factory, tokenizer):
     data = tmp_path_factory.mktemp("fuzz")
     save_tiny_model(data / "models" / "tiny-gla", ["gla", "attention"], tokenizer)
-    settings_ = Settings(api_keys=[API_KEY], data_dir=data, max_prompt_tokens=64, max_tokens=32,
+    settings_ = Settings(api_keys=[API_KEY], home=data, max_prompt_tokens=64, max_tokens=32,
                          max_batch_size=4, torch_threads=1, max_upload_bytes=1 << 16, max_request_bytes=1 << 16)
     migrate(settings_.resolved_database_url)
     app = create_app(settings_)

@@ -127,6 +127,26 @@ def test_serve_is_a_command_of_xatl(capsys):
     assert callable(cli.add_arguments) and callable(cli.run)
 
 
+def test_the_home_folder_answers_to_xatl_home_and_never_to_xatl_data_dir(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    monkeypatch.delenv("XATL_HOME", raising=False)
+    monkeypatch.setenv("XATL_DATA_DIR", str(tmp_path / "shared-data"))  # the data sets of tests and benchmarks
+    settings = Settings()
+    assert settings.home == Path("data")
+    owned = [settings.home, settings.resolved_models_dir, settings.files_dir, settings.jobs_dir,
+             Path(settings.resolved_database_url.removeprefix("sqlite:///"))]
+    assert not any(path.resolve().is_relative_to(tmp_path / "shared-data") for path in owned), owned
+    assert all(not value.startswith(str(tmp_path / "shared-data")) for value in settings.environment().values())
+    monkeypatch.setenv("XATL_HOME", str(tmp_path / "home"))
+    assert Settings().home == tmp_path / "home"
+    assert Settings(home=tmp_path / "given").home == tmp_path / "given"  # `xatl serve --data-dir`
+    with pytest.raises(ValidationError, match="data_dir is now `home`"):
+        Settings(data_dir=tmp_path)  # the old name, which would otherwise be ignored
+
+
 def test_routes_without_a_model_import_no_torch(tmp_path):
     script = f"""
 import sys
@@ -134,7 +154,7 @@ from fastapi.testclient import TestClient
 from service.config import Settings
 from service.main import create_app
 from worker.store import migrate
-settings = Settings(api_keys=["k"], data_dir={str(tmp_path)!r})
+settings = Settings(api_keys=["k"], home={str(tmp_path)!r})
 migrate(settings.resolved_database_url)
 app = create_app(settings)
 with TestClient(app) as client:

@@ -56,10 +56,10 @@ def test_a_folder_without_a_model_exits_2(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_precision_option(model_dir, capsys, precision):
+@pytest.mark.parametrize("option,precision", [("--precision", "bf16"), ("--precision", "int8"), ("--dtype", "int8")])
+def test_precision_option(model_dir, capsys, option, precision):
     code = main(["generate", str(model_dir), "--prompt", "Once upon", "--max-new-tokens", "4",
-                 "--temperature", "0", "--ignore-eos", "--json", "--precision", precision])
+                 "--temperature", "0", "--ignore-eos", "--json", option, precision])
     assert code == 0 and json.loads(capsys.readouterr().out)["tokens"] == 4
 
 

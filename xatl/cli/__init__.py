@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("xatl.cli.train", "continue training a converted model (optionally distilling from the donor)"),
     "eval": ("xatl.cli.eval", "cross-entropy and perplexity of a model on text"),
     "generate": ("xatl.cli.generate", "stream a completion with the constant-memory engine"),
+    "quantize": ("xatl.cli.quantize", "save a copy of a model with int8 (or bf16) weights that loads that way"),
     "lm-eval": ("xatl.cli.lm_eval", "lm-evaluation-harness's command line, with xatl models loadable"),
     "sample": ("xatl.cli.sample", "find or download the sample donor (stories260K) and its text"),
 }

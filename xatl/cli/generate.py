@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop before this text (repeatable, up to 4)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate past the end-of-sequence token")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
+    parser.add_argument("--precision", "--dtype", choices=["fp32", "bf16", "int8"], default=None,
                         help="weights in float32, bfloat16 or int8 (CPU; see xatl.serving.precision); "
                         "default: as saved")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

@@ -25,18 +25,19 @@ as does attention's key/value cache: those are inputs kept, not sums that accumu
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from xatl.quantization import Int8Linear, dequantize_int8, mark_int8, use_int8_engine
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
 #: the dtype a model is loaded in before `apply_precision` (int8 quantises from float32)
 LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
-
-#: the quantised engine's name in torch.backends.quantized, in order of preference
-_INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
 
 def check_precision(precision: str) -> str:
@@ -50,20 +51,52 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     replaced by dynamically quantised ones); returns it."""
     check_precision(precision)
     if precision != "int8":
+        dequantize_int8(model, LOAD_DTYPES[precision])  # a model loaded int8: its float weights back
         return model.to(LOAD_DTYPES[precision])
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only (torch has no int8 dynamic linear for {device.type})")
-    engine = next((name for name in _INT8_ENGINES if name in torch.backends.quantized.supported_engines), None)
-    if engine is None:
-        raise ValueError(f"this torch build has no int8 CPU engine (has {torch.backends.quantized.supported_engines})")
-    torch.backends.quantized.engine = engine
+    use_int8_engine()
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 still ships it
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         spec = {nn.Linear: per_channel_dynamic_qconfig}  # a scale per output row: no slower than one per matrix
-        return quantize_dynamic(model.float(), spec, dtype=torch.qint8, inplace=True)
+        # Int8Linear: torch's dynamic int8 linear whose weights save as int8 + scales (xatl.quantization)
+        # (nn.Module's float: transformers refuses `.float()` on a model it loaded int8, which this leaves as is)
+        model = quantize_dynamic(nn.Module.float(model), spec, dtype=torch.qint8, mapping={nn.Linear: Int8Linear},
+                                 inplace=True)
+    mark_int8(model)
+    return model
+
+
+#: a folder's files that `save_pretrained` writes (weights, config), left behind by `save_at_precision`
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
+
+
+def save_at_precision(model_dir: str | Path, out_dir: str | Path, precision: str) -> Path:
+    """Write the model of `model_dir` to `out_dir` (may be the same folder) with its weights in
+    `precision`: int8 as int8 linear weights with their scales and `quantization_config` (see
+    `xatl.quantization`; loads back int8), bf16 as bfloat16 tensors, fp32 as float32. The folder's
+    other files (tokenizer, model card, reports) are copied as they are."""
+    from xatl.loader import load_model
+
+    check_precision(precision)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, _ = load_model(model_dir, device="cpu")
+    model = apply_precision(model, precision)
+    if out_dir.resolve() != model_dir.resolve():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = {path for pattern in _WEIGHT_FILES for path in model_dir.glob(pattern)}
+        for item in model_dir.iterdir():
+            if item.is_file() and item not in weights:
+                shutil.copy2(item, out_dir / item.name)
+    else:  # the float weights go; save_pretrained writes the new ones
+        for pattern in _WEIGHT_FILES[:-1]:
+            for path in model_dir.glob(pattern):
+                path.unlink()
+    model.save_pretrained(out_dir)
+    return out_dir
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -92,4 +125,5 @@ def model_precision(model: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-__all__ = ["LOAD_DTYPES", "PRECISIONS", "apply_precision", "check_precision", "model_precision", "weight_bytes"]
+__all__ = ["LOAD_DTYPES", "PRECISIONS", "apply_precision", "check_precision", "model_precision",
+           "save_at_precision", "weight_bytes"]

@@ -110,7 +110,7 @@ def run_training(
     device = pick_device(run.device)
 
     # 2. Model, transferred weights, teacher
-    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32, dequantize=True)
     transferred: set[str] = set()
     if (model_dir / TRANSFER_REPORT).is_file():
         transferred = transferred_names(read_tensor_origins(model_dir), include_initialised=run.freeze_initialised)
@@ -155,7 +155,7 @@ def run_attention_transfer(
         resolve_paths(list(run.data.data) + list(run.data.valid_data or []))  # a wrong path fails now
     transformers_logging.disable_progress_bar()
     device = pick_device(run.device)
-    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32)
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch.float32, dequantize=True)
     teacher = load_teacher(run.teacher, run.teacher_tokenizer, device)
     blocks, valid_blocks = _text_blocks(run.data, tokenizer, config.seed, blocks, valid_blocks)
     resume = Path(run.resume) if run.resume and run.resume is not True else run.resume
