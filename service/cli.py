@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is saved in; default: each as saved")
     parser.add_argument("--compile", choices=["auto", "on", "off"],
                         help="compile each model's decode step at load, eagerly serving meanwhile (default auto: "
-                        "fp32 and bf16 on a CPU with a C++ compiler)")
+                        "bf16 on a CPU with a C++ compiler, where it paid)")
     parser.add_argument("--no-worker", action="store_true", help="start no local worker (workers run elsewhere)")
     parser.add_argument("--worker-gpus", type=int, help="GPUs the local worker uses (default: all visible)")
     parser.add_argument("--no-migrate", action="store_true", help="leave the database schema alone: a deployment "

@@ -35,8 +35,8 @@ class Settings(WorkerSettings):
     device: str = "cpu"
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="compile each model's decode step (torch.compile) at load, on a thread of its own "
-        "(requests are decoded eagerly until it is ready): auto = where it pays (fp32 and bf16 on a CPU with a "
-        "C++ compiler), on, off")
+        "(requests are decoded eagerly until it is ready): auto = where it paid (bf16 on a CPU with a C++ "
+        "compiler), on, off")
     precision: Literal["fp32", "bf16", "int8"] | None = Field(
         None, description="weights of every served model: fp32, bf16 or int8 (CPU, dynamic quantisation of the "
         "linear layers); default: as saved")

@@ -22,8 +22,8 @@ def greedy_tokens(engine: Engine, prompt: list[int], count: int) -> list[int]:
 
 def test_auto_compiles_where_it_paid_and_leaves_the_rest_eager():
     expected = "inductor" if _has_cpp_compiler() else None  # inductor's CPU code is C++
-    assert compile_backend("auto", "fp32", CPU) == expected
     assert compile_backend("auto", "bf16", CPU) == expected
+    assert compile_backend("auto", "fp32", CPU) is None  # bound by reading its weights: no faster compiled
     assert compile_backend("auto", "int8", CPU) is None  # graph breaks at every quantised linear
     assert compile_backend("auto", "fp32", CUDA) is None  # not measured on a GPU yet
     assert compile_backend("on", "int8", CPU) == compile_backend(True, "fp32", CPU) == "inductor"
@@ -64,10 +64,10 @@ def test_an_engine_whose_compilation_fails_stays_eager_and_serves(tokenizer, cap
 
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")
 def test_the_default_inductor_step_with_frozen_weights_equals_eager(tokenizer):
-    # the service's default path for fp32: inductor, C++ wrapper, frozen weights (about a minute here)
+    # the service's default path for bf16: inductor, C++ wrapper, frozen weights (about a minute here)
     model = tiny_model(["gla", "attention"], len(tokenizer))
     eager = Engine(model, tokenizer, background=False)
-    compiled = Engine(model, tokenizer, background=False, compile="auto")
+    compiled = Engine(model, tokenizer, background=False, compile="on")
     assert compiled.wait_until_compiled(timeout=900), compiled._compiler.error
     prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "日本語のテキスト")]
     for prompt in prompts:

@@ -1,18 +1,18 @@
 """The decode step compiled with `torch.compile`, compiled and warmed up off the request path.
 
-On a CPU a small model's decode step is dominated by per-op overhead, which inductor removes: its
-C++ wrapper calls the kernels without a Python frame per op, and freezing turns the weights into
-constants it prepacks for oneDNN/MKL (faster one-row matrix products; the packed copies take as
-much memory again as the weights). Measured on one core of an AMD EPYC (random-width512 GLA, 512
-tokens of context; bench/results/generation/compile): fp32 25.8 → 16.9 ms per token, bf16
-23.6 → 11.4 ms. int8 (dynamic quantisation) stays eager: dynamo cannot trace the quantised
-linear's packed weights (a TorchScript object) and breaks the graph at each of them, which made the
-step slower (8.9 → 15.5 ms). "auto" compiles where it paid: fp32 and bf16 on a CPU.
+Inductor removes the per-op Python overhead of a small model's decode step (its C++ wrapper calls
+the kernels without a Python frame per op) and, with frozen weights, prepacks them for oneDNN/MKL
+(the packed copies take as much memory again as the weights). Measured side by side on one core of
+an AMD EPYC (random-width512 GLA, bench/results/generation/compile): bf16 1.17-1.18x the eager
+tokens/s; fp32 0.94-0.98x (within the noise: its step is bound by reading 209 MB of weights); int8
+(dynamic quantisation) 0.65-0.75x, since dynamo cannot trace the quantised linear's packed weights
+(a TorchScript object) and breaks the graph at each of them. So "auto" compiles bf16 on a CPU only.
 
-Compiling costs tens of seconds (on 2 cores: ~35-65 s the first time, ~9 s from inductor's cache).
-`StepCompiler` pays it at load on a thread of its own: the engine decodes eagerly meanwhile and
-switches to the compiled step once it has run on warm-up sequences (one row, then two rows of
-different lengths, so that the shapes the batch takes later reuse the compiled code).
+Compiling costs tens of seconds (44-86 s on 2 shared cores). `StepCompiler` pays it at load on a
+thread of its own: the engine decodes eagerly meanwhile and switches to the compiled step once it
+has run on warm-up sequences (one row, then rows of different lengths, so that the shapes the batch
+takes later reuse the compiled code). Requests served meanwhile share the cores and the GIL with
+the compiler: a first request to a bf16 model took 33 s for 32 tokens instead of 2.6 s.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", "on", "off")
 
 #: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring)
-_PAYS_ON_CPU = ("fp32", "bf16")
+_PAYS_ON_CPU = ("bf16",)
 
 
 def compile_backend(compile: bool | str | None, precision: str, device: torch.device) -> str | None:
     """The `torch.compile` backend for the decode step, or None to run it eagerly.
 
-    `compile`: "auto" (inductor where it pays: fp32 and bf16 on a CPU that has a C++ compiler for
-    inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
+    `compile`: "auto" (inductor where it paid: bf16 on a CPU that has a C++ compiler for inductor's
+    code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
     "off"/False/None, or a backend's name ("eager", ...).
     """
     if compile in (None, False, "off"):

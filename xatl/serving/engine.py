@@ -208,8 +208,8 @@ class Engine:
         max_batch_size: requests decoded together; more wait for a free slot.
         background: run the loop on a daemon thread started at the first submission; otherwise
             whoever reads a stream drives the engine (`step()`), as a command-line tool does.
-        compile: compile the decode step with `torch.compile`: "auto" (where it pays: fp32 and bf16
-            on a CPU), "on"/True (inductor), "off"/False, or a backend's name. Compiling runs at
+        compile: compile the decode step with `torch.compile`: "auto" (where it paid: bf16 on a
+            CPU), "on"/True (inductor), "off"/False, or a backend's name. Compiling runs at
             load on a thread of its own (`xatl.serving.compiled`): requests are decoded eagerly
             until the compiled step is warm, so none of them waits for it. Prefill stays eager.
         prefill_chunk: prompt tokens prefilled per iteration, between decode steps of the running
