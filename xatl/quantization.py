@@ -1,31 +1,37 @@
-"""Models saved with int8 weights, and loaded back int8 by `AutoModelForCausalLM.from_pretrained`.
+"""int8 weights: the layer that runs them, and models saved with them that
+`AutoModelForCausalLM.from_pretrained` loads back int8.
 
-`xatl.serving.apply_precision(model, "int8")` turns every `nn.Linear` into an `Int8Linear` (torch's
-dynamically quantised linear layer, whose weights save as plain tensors) and records the scheme in
-`model.config.quantization_config`, so that `model.save_pretrained(out)` writes, for each such layer
-`L`, in model.safetensors:
+`xatl.serving.apply_precision(model, "int8")` turns every `nn.Linear` into an `Int8Linear` (weight-only
+quantisation: int8 weights with one float32 scale per output row, activations kept in floating
+point) and records the scheme in `model.config.quantization_config`, so that
+`model.save_pretrained(out)` writes, for each such layer `L`, in model.safetensors:
 
 - `L.weight`: int8, (out, in) — the weight is `L.weight * L.weight_scale[:, None]`;
 - `L.weight_scale`: float32, one per output row (symmetric: no zero point);
 - `L.bias`: float32, as it was;
 
-and in config.json `"quantization_config": {"quant_method": "xatl", "weights": "int8", ...}`, with
-`tie_word_embeddings` false (the LM head has its own int8 copy; the input embedding stays float32).
+and in config.json `"quantization_config": {"quant_method": "xatl", "weights": "int8", "activations": "bf16"}`,
+with `tie_word_embeddings` false (the LM head has its own int8 copy; the input embedding stays float32).
+
+Why weight-only: torch's dynamically quantised linear (int8 activations, one scale per input tensor)
+was faster on a CPU (random-width512 GLA: 8.9 against 10.1 ms per token) but raised SmolLM2-135M's
+validation cross-entropy by 67% over fp32, the weights alone (dequantised) by 0.5%: one scale per
+tensor cannot hold activations with outliers. `Int8Linear` multiplies bfloat16 activations by the
+int8 weights with `torch._weight_int8pack_mm` (the CPU kernel torchao's int8 weight-only scheme
+uses), then applies the float32 scales.
 
 `import xatl` registers quant_method "xatl" with transformers (`register_quantization_config`,
-`register_quantizer`): loading such a folder builds the model, puts a slot for the int8 weight and its
-scales where each `nn.Linear` was, loads the tensors as saved and packs them for torch's int8 kernels,
-so the weights are bit for bit the ones saved. It loads pre-quantised folders only: a float folder
-is quantised by loading it and calling `apply_precision`, or with `xatl quantize`.
+`register_quantizer`): loading such a folder builds the model, puts an `Int8Linear` where each
+`nn.Linear` was and loads the tensors as saved, so the weights are bit for bit the ones saved. It
+loads pre-quantised folders only: a float folder is quantised by loading it and calling
+`apply_precision`, or with `xatl quantize`.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -37,86 +43,70 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "xatl"
 
-#: the quantised engine's name in torch.backends.quantized, in order of preference
-_INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights, one float32 scale per output row, and float activations.
 
-def use_int8_engine() -> str:
-    """Select torch's int8 CPU engine (weights are packed for, and run on, the engine selected)."""
-    engine = next((name for name in _INT8_ENGINES if name in torch.backends.quantized.supported_engines), None)
-    if engine is None:
-        raise ValueError(f"this torch build has no int8 CPU engine (has {torch.backends.quantized.supported_engines})")
-    torch.backends.quantized.engine = engine
-    return engine
+    Buffers (they save as they are): `weight` int8 (out, in), `weight_scale` float32 (out,), `bias`
+    float32 (out,) or None. The output has the input's dtype.
+    """
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # the kernel's own scales stay 1: the float32 ones are applied after it, unrounded
+        self.register_buffer("_unit_scale", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
 
-class Int8Linear(DynamicQuantizedLinear):
-    """torch's dynamically quantised linear layer (same kernels, same outputs) whose state dict is
-    plain tensors, `weight` (int8), `weight_scale` (float32 per output row) and `bias`, instead of
-    torch's packed-parameter objects, which safetensors cannot hold."""
-
-    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype=torch.qint8):
-        super().__init__(in_features, out_features, bias_=bias_, dtype=dtype)
-        self.register_state_dict_post_hook(_plain_tensors)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """`linear` quantised: each row scaled so that its largest magnitude maps to 127."""
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        quantised = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls.from_int8(quantised, scale, None if linear.bias is None else linear.bias.detach())
 
     @classmethod
     def from_int8(cls, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         """The layer of int8 `weight` (out, in) with one float `scale` per output row."""
         out_features, in_features = weight.shape
-        use_int8_engine()
-        with warnings.catch_warnings():  # torch announces the quantized tensors' move to torchao; 2.13 has them
-            warnings.simplefilter("ignore")
-            layer = cls(in_features, out_features)
-            zero_points = torch.zeros(out_features, dtype=torch.long)
-            qweight = torch._make_per_channel_quantized_tensor(weight.to(torch.int8), scale.double(), zero_points, 0)
-            layer.set_weight_bias(qweight, None if bias is None else bias.float())
+        layer = cls(in_features, out_features, bias=bias is not None).to(weight.device)
+        layer.weight.copy_(weight.to(torch.int8))
+        layer.weight_scale.copy_(scale.float())
+        if bias is not None:
+            layer.bias.copy_(bias.float())
         return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel's widths (others crash it)
+            activations = flat.to(torch.bfloat16).contiguous()  # the kernel reads rows contiguously
+            out = torch._weight_int8pack_mm(activations, self.weight, self._unit_scale).float()
+        else:  # dequantised on the fly: slower, same result
+            out = F.linear(flat.float(), self.weight.float())
+        out = out * self.weight_scale  # (N, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight (out, in), float32 scale per row, bias or None), as saved."""
-        qweight, bias = self._weight_bias()
-        if qweight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            if qweight.q_per_channel_zero_points().any():
-                raise ValueError("an int8 weight with zero points other than 0 (only symmetric ones save)")
-            scale = qweight.q_per_channel_scales().float()
-        else:  # one scale for the whole matrix
-            if qweight.q_zero_point() != 0:
-                raise ValueError("an int8 weight with a zero point other than 0 (only symmetric ones save)")
-            scale = torch.full((qweight.shape[0],), qweight.q_scale(), dtype=torch.float32)
-        return qweight.int_repr(), scale, bias
+        return self.weight, self.weight_scale, self.bias
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """An `nn.Linear` holding this layer's weights, dequantised to `dtype`."""
-        weight, scale, bias = self.int8_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+                           device=self.weight.device)
         with torch.no_grad():
-            linear.weight.copy_(weight.float() * scale[:, None])
-            if bias is not None:
-                linear.bias.copy_(bias)
+            linear.weight.copy_(self.weight.float() * self.weight_scale[:, None])
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
         return linear
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        names = [prefix + "weight", prefix + "weight_scale"]
-        if not all(name in state_dict for name in names):
-            missing_keys.extend(name for name in names if name not in state_dict)
-            return
-        weight, scale = state_dict.pop(names[0]), state_dict.pop(names[1])
-        loaded = Int8Linear.from_int8(weight, scale, state_dict.pop(prefix + "bias", None))
-        # the packed-parameter child loads next, from these keys (torch's first state-dict layout)
-        state_dict[prefix + "_packed_params.weight"], state_dict[prefix + "_packed_params.bias"] = \
-            loaded._weight_bias()
-
-
-def _plain_tensors(module: Int8Linear, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "_packed_params.")]:
-        del state_dict[key]
-    for key in ("scale", "zero_point"):  # the activations' (dynamic: computed at run time, unused)
-        state_dict.pop(prefix + key, None)
-    weight, scale, bias = module.int8_weight()
-    state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = weight, scale
-    if bias is not None:
-        state_dict[prefix + "bias"] = bias
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class XatlQuantizationConfig(QuantizationConfigMixin):
@@ -124,14 +114,14 @@ class XatlQuantizationConfig(QuantizationConfigMixin):
 
     Args:
         weights: "int8" (the one scheme: per output row, symmetric).
-        activations: "dynamic-int8" (quantised at run time, one scale per input tensor).
+        activations: "bf16" (weight-only: the activations stay float, bfloat16 in the matrix product).
         modules_not_converted: names of `nn.Linear` modules kept in float (none by default).
     """
 
-    def __init__(self, weights: str = "int8", activations: str = "dynamic-int8",
+    def __init__(self, weights: str = "int8", activations: str = "bf16",
                  modules_not_converted: list[str] | None = None, **kwargs):
-        if weights != "int8" or activations != "dynamic-int8":
-            raise ValueError(f"xatl quantization saves int8 weights with dynamic int8 activations, got "
+        if weights != "int8" or activations != "bf16":
+            raise ValueError(f"xatl quantization saves int8 weights with bf16 activations, got "
                              f"weights={weights!r}, activations={activations!r}")
         self.quant_method = QUANT_METHOD
         self.weights = weights
@@ -162,14 +152,14 @@ class XatlQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if isinstance(device_map, dict) and any(str(d) not in ("cpu", "disk") for d in device_map.values()):
-            raise ValueError("int8 weights run on the CPU only (torch has no int8 dynamic linear for GPUs)")
+            raise ValueError("xatl's int8 weights run on the CPU only (their kernel was measured there alone)")
 
     def update_dtype(self, dtype):
         return torch.float32 if dtype is None else dtype
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         skip = set(self.quantization_config.modules_not_converted)
-        _replace_linears(model, lambda name, linear: None if name in skip else _Int8Slots(
+        replace_linears(model, lambda name, linear: None if name in skip else _Int8Slots(
             linear.in_features, linear.out_features, linear.bias is not None))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -195,7 +185,8 @@ def _children(model: nn.Module, kind: type):
             for name, child in list(parent.named_children()) if type(child) is kind]
 
 
-def _replace_linears(model: nn.Module, make) -> None:
+def replace_linears(model: nn.Module, make) -> None:
+    """Put `make(name, linear)` in place of each `nn.Linear` (None: keep it)."""
     names = {module: name for name, module in model.named_modules()}
     for parent, child_name, linear in _children(model, nn.Linear):
         replacement = make(names[linear], linear)
@@ -239,4 +230,4 @@ def register() -> None:
 
 
 __all__ = ["QUANT_METHOD", "Int8Linear", "XatlQuantizationConfig", "XatlQuantizer", "dequantize_int8", "mark_int8",
-           "register", "use_int8_engine"]
+           "register", "replace_linears"]

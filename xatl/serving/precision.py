@@ -4,17 +4,13 @@
 - bf16: every weight (embeddings, norms and LM head included) in bfloat16; activations run in
   bfloat16 between the layers.
 - int8: the weights of every `nn.Linear` (the mixers' projections, the MLPs and the LM head, which
-  gets its own int8 copy when it is tied to the input embedding) quantised per output channel to
-  int8, activations quantised at run time, one scale per input tensor (dynamic quantisation,
-  `torch.ao.quantization.quantize_dynamic` with qint8 on the "x86" engine: fbgemm/oneDNN). The input
-  embedding (one row read per token), the norms, the convolutions and the decay parameters stay in
-  float32. CPU only: torch ships no int8 dynamic-quantised linear for CUDA. Of the int8 paths of
-  torch 2.13 on a CPU, this was the fastest for one token at a time: on an AMD EPYC core, a
-  512x32000 LM head took 1.0 ms against 12 ms in fp32, 20 ms in bf16 and 3.6 ms for the weight-only
-  `torch._weight_int8pack_mm` (which needs bf16 activations); fbgemm alone 1.7 ms, oneDNN 1.5 ms.
-  One activation scale per input tensor means the rows decoded together in a batch (and the tokens
-  of a prefill chunk) share it: one stream decoding alone is quantised per token, the closest to
-  fp32 (bench/results/generation/precision has both cross-entropies).
+  gets its own int8 copy when it is tied to the input embedding) quantised per output row to int8,
+  symmetric (`xatl.quantization.Int8Linear`); the activations stay float (weight-only quantisation:
+  bfloat16 inside the int8 matrix product, `torch._weight_int8pack_mm`, float32 scales after it).
+  The input embedding (one row read per token), the norms, the convolutions and the decay
+  parameters stay in float32. CPU only (the kernel was measured there alone). Torch's dynamic int8
+  linear (int8 activations, one scale per input tensor), used before, was 12% faster per token but
+  raised a real model's cross-entropy by 67% (SmolLM2-135M; bench/results/saved_precision).
 
 Recurrent state in bf16: the linear-cost mixers accumulate their state in float32 whatever the
 weights' dtype (`torch.promote_types(dtype, float32)`): GLA, retention and Mamba-2 keep their
@@ -26,13 +22,12 @@ as does attention's key/value cache: those are inputs kept, not sums that accumu
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from xatl.quantization import Int8Linear, dequantize_int8, mark_int8, use_int8_engine
+from xatl.quantization import Int8Linear, dequantize_int8, mark_int8, replace_linears
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -48,24 +43,17 @@ def check_precision(precision: str) -> str:
 
 def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     """`model` with its weights in `precision`, converted in place (int8: its `nn.Linear` layers are
-    replaced by dynamically quantised ones); returns it."""
+    replaced by `Int8Linear` ones); returns it."""
     check_precision(precision)
     if precision != "int8":
         dequantize_int8(model, LOAD_DTYPES[precision])  # a model loaded int8: its float weights back
         return model.to(LOAD_DTYPES[precision])
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(f"int8 weights run on the CPU only (torch has no int8 dynamic linear for {device.type})")
-    use_int8_engine()
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 still ships it
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        spec = {nn.Linear: per_channel_dynamic_qconfig}  # a scale per output row: no slower than one per matrix
-        # Int8Linear: torch's dynamic int8 linear whose weights save as int8 + scales (xatl.quantization)
-        # (nn.Module's float: transformers refuses `.float()` on a model it loaded int8, which this leaves as is)
-        model = quantize_dynamic(nn.Module.float(model), spec, dtype=torch.qint8, mapping={nn.Linear: Int8Linear},
-                                 inplace=True)
+        raise ValueError(f"int8 weights run on the CPU only (their kernel was measured there alone), got {device.type}")
+    # (nn.Module's float: transformers refuses `.float()` on a model it loaded int8, which this leaves as is)
+    nn.Module.float(model)
+    replace_linears(model, lambda name, linear: Int8Linear.from_linear(linear))
     mark_int8(model)
     return model
 
@@ -100,26 +88,18 @@ def save_at_precision(model_dir: str | Path, out_dir: str | Path, precision: str
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored: parameters, and the packed int8 weights (with their
-    float32 bias) of dynamically quantised linear layers."""
+    """Bytes of the model's weights as stored: parameters, and the int8 weights, scales and biases
+    of `Int8Linear` layers (buffers)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        if _is_quantized_linear(module):
-            weight, bias = module._weight_bias()
-            total += weight.numel() * weight.element_size()
-            total += 0 if bias is None else bias.numel() * bias.element_size()
+        if isinstance(module, Int8Linear):
+            total += sum(t.numel() * t.element_size() for t in module.int8_weight() if t is not None)
     return total
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    """A dynamically quantised linear layer (whose packed weights are a child module of its own)."""
-    packed = getattr(module, "_packed_params", None)
-    return callable(getattr(module, "_weight_bias", None)) and isinstance(packed, nn.Module)
 
 
 def model_precision(model: nn.Module) -> str:
     """fp32, bf16 or int8, from the model's weights (another float dtype: its torch name)."""
-    if any(_is_quantized_linear(m) for m in model.modules()):
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
         return "int8"
     dtype = next(model.parameters()).dtype
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
