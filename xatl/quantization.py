@@ -86,9 +86,8 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(activations, self.weight, self._unit_scale).float()
         else:  # dequantised on the fly: slower, same result
             out = F.linear(flat.float(), self.weight.float())
-        out = out * self.weight_scale  # (N, out)
-        if self.bias is not None:
-            out = out + self.bias
+        # (N, out): scaled, plus the bias, in one op where there is one
+        out = out.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias, out, self.weight_scale)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
