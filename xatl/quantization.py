@@ -83,7 +83,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (N, in)
         if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel's widths (others crash it)
             activations = flat.to(torch.bfloat16).contiguous()  # the kernel reads rows contiguously
-            out = torch._weight_int8pack_mm(activations, self.weight, self._unit_scale).float()
+            unit = self._unit_scale.to(torch.bfloat16)  # (a model's `.float()` converts buffers too)
+            out = torch._weight_int8pack_mm(activations, self.weight, unit).float()
         else:  # dequantised on the fly: slower, same result
             out = F.linear(flat.float(), self.weight.float())
         # (N, out): scaled, plus the bias, in one op where there is one

@@ -5,8 +5,10 @@ the kernels without a Python frame per op) and, with frozen weights, prepacks th
 (the packed copies take as much memory again as the weights). Measured side by side on one core of
 an AMD EPYC (random-width512 GLA, bench/results/generation/compile): bf16 1.17-1.18x the eager
 tokens/s; fp32 0.94-0.98x (within the noise: its step is bound by reading 209 MB of weights); int8
-(dynamic quantisation) 0.65-0.75x, since dynamo cannot trace the quantised linear's packed weights
-(a TorchScript object) and breaks the graph at each of them. So "auto" compiles bf16 on a CPU only.
+(then torch's dynamic quantisation) 0.65-0.75x, since dynamo could not trace its packed weights (a
+TorchScript object) and broke the graph at each of them. So "auto" compiles bf16 on a CPU only. The
+weight-only int8 of `xatl.quantization.Int8Linear` does not compile at all with frozen weights
+(inductor fails to lower it, torch 2.13), so int8 always decodes eagerly, even with "on".
 
 Compiling costs tens of seconds (44-86 s on 2 shared cores). `StepCompiler` pays it at load on a
 thread of its own: the engine decodes eagerly meanwhile and switches to the compiled step once it
@@ -42,7 +44,7 @@ def compile_backend(compile: bool | str | None, precision: str, device: torch.de
     code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
     "off"/False/None, or a backend's name ("eager", ...).
     """
-    if compile in (None, False, "off"):
+    if compile in (None, False, "off") or precision == "int8":  # int8: see the module's docstring
         return None
     if compile == "auto":
         pays = torch.device(device).type == "cpu" and precision in _PAYS_ON_CPU
