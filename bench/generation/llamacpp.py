@@ -44,10 +44,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, write_results  # noqa: E402
-from run import interleaved_decode, random_prompt, random_width512, warm_up  # noqa: E402 (bench/generation)
+from run import (  # noqa: E402 (bench/generation)
+    interleaved_decode,
+    random_prompt,
+    random_width512,
+    warm_up,
+    weight_bytes_read_per_step,
+)
 
 import xatl  # noqa: E402
-from xatl.serving import Engine, weight_bytes  # noqa: E402
+from xatl.serving import Engine  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
 FILE_TYPES = {"F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -217,25 +223,18 @@ def agreement(donor: xatl.XatlForCausalLM, files: dict[str, Path], args) -> dict
     return result
 
 
-def bytes_read(model: xatl.XatlForCausalLM) -> int:
-    """Weight bytes one decode step reads, as stored at the engine's precision: all of them, but one
-    row of the input embedding (counted as `write_gguf` counts llama.cpp's)."""
-    embedding = model.get_input_embeddings().weight
-    if embedding is model.get_output_embeddings().weight:
-        return weight_bytes(model)
-    return weight_bytes(model) - embedding.numel() * embedding.element_size() + embedding[0].nbytes
-
-
 def measure(args, result: dict, save) -> None:
     """Fill `result`, calling `save()` after each context: a long run interrupted keeps what it measured."""
     size = random_width512(args)
     vocab, config = size.donor.config.vocab_size, size.donor.config
+    # as the service runs them (compile="auto": bf16's step compiled; warm_up waits for it); the whole
+    # prompt prefilled at admission
     ours = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
-                                prefill_chunk=None) for p in PRECISIONS}  # the whole prompt at admission
+                                prefill_chunk=None, compile="auto") for p in PRECISIONS}
     ours["xatl_donor_fp32"] = Engine(size.donor, size.tokenizer, background=False, prefill_chunk=None)
     for engine in ours.values():
         warm_up(engine, vocab)
-    result.update(weight_bytes_read_per_step={role: bytes_read(e.model) for role, e in ours.items()},
+    result.update(weight_bytes_read_per_step={role: weight_bytes_read_per_step(e.model) for role, e in ours.items()},
                   contexts=[])
     with tempfile.TemporaryDirectory() as folder:
         files = {t: Path(folder) / f"donor-{t}.gguf" for t in FILE_TYPES}
@@ -301,7 +300,8 @@ def markdown(result: dict) -> str:
         "# llama.cpp beside xatl: one stream, one thread (issue 16)\n",
         "random-width512 (random-weight 66M Llama; converted: GLA). llama.cpp serves the donor from GGUF "
         "(F16, Q8_0; flash attention, n_threads=1); xatl serves the converted model at fp32/bf16/int8 "
-        "weights and the donor at fp32. Decode tokens/s after a prompt of `context` tokens (1 / median "
+        "weights (int8: weight-only, bfloat16 activations; bf16's decode step compiled, as `XATL_COMPILE=auto` "
+        "does) and the donor at fp32. Decode tokens/s after a prompt of `context` tokens (1 / median "
         "step, steps of all six interleaved in blocks).\n",
         f"Versions: llama-cpp-python {result['versions']['llama_cpp_python']}, gguf "
         f"{result['versions']['gguf']}. llama.cpp: `{result['versions']['llama_cpp_system_info']}`\n",
