@@ -38,8 +38,8 @@ class Settings(WorkerSettings):
         "(requests are decoded eagerly until it is ready): auto = where it paid (bf16 on a CPU with a C++ "
         "compiler), on, off")
     precision: Literal["fp32", "bf16", "int8"] | None = Field(
-        None, description="weights of every served model: fp32, bf16 or int8 (CPU, dynamic quantisation of the "
-        "linear layers); default: as saved")
+        None, description="weights of every served model: fp32, bf16 or int8 (CPU, the linear "
+        "layers' weights int8, activations float); default: as saved")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores but one)")
 
     @field_validator("compile", mode="before")

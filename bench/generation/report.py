@@ -92,7 +92,7 @@ def precision_markdown(result: dict) -> str:
         f"torch threads: {s['threads']}; load average {result['load_average_at_start'][0]:.1f} at the start, "
         f"{result['load_average_at_end'][0]:.1f} at the end (2 cores, shared). Decode step eager. One stream, "
         "greedy; the prompt (random tokens) fills the context; the precisions' decode steps interleaved "
-        "in blocks, medians. int8: dynamic quantisation of every linear layer (LM head included); bf16: "
+        "in blocks, medians. int8: every linear layer's weights int8 (LM head included), activations float; bf16: "
         "every weight (see `xatl/serving/precision.py`).\n",
         "## Decode speed\n",
         f"| size | context | precision | weights | state | tok/s | vs {first} |",
