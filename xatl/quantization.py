@@ -18,7 +18,7 @@ was faster on a CPU (random-width512 GLA: 8.9 against 10.1 ms per token) but rai
 validation cross-entropy by 67% over fp32, the weights alone (dequantised) by 0.5%: one scale per
 tensor cannot hold activations with outliers. `Int8Linear` multiplies bfloat16 activations by the
 int8 weights with `torch._weight_int8pack_mm` (the CPU kernel torchao's int8 weight-only scheme
-uses), then applies the float32 scales.
+uses; its products come out in bfloat16), then applies the float32 scales.
 
 `import xatl` registers quant_method "xatl" with transformers (`register_quantization_config`,
 `register_quantizer`): loading such a folder builds the model, puts an `Int8Linear` where each
@@ -85,7 +85,7 @@ class Int8Linear(nn.Module):
             activations = flat.to(torch.bfloat16).contiguous()  # the kernel reads rows contiguously
             unit = self._unit_scale.to(torch.bfloat16)  # (a model's `.float()` converts buffers too)
             out = torch._weight_int8pack_mm(activations, self.weight, unit).float()
-        else:  # dequantised on the fly: slower, same result
+        else:  # dequantised on the fly: slower, the same weights (float32 activations)
             out = F.linear(flat.float(), self.weight.float())
         # (N, out): scaled, plus the bias, in one op where there is one
         out = out.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias, out, self.weight_scale)

@@ -83,3 +83,21 @@ def test_bad_precisions_are_refused(tokenizer):
         Engine.from_pretrained("unused", precision="bf16", dtype=torch.float32)
     with pytest.raises(ValueError, match="CPU only"):
         apply_precision(tiny_model(["gla"], len(tokenizer)).to("meta"), "int8")
+
+
+@pytest.mark.parametrize("in_features", [64, 100], ids=["kernel", "width-the-kernel-refuses"])
+def test_int8_linear_equals_its_dequantised_reference(in_features):
+    # the kernel takes widths that are multiples of 8 (others crash it): the rest run dequantised
+    from xatl.quantization import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 48)
+    layer = Int8Linear.from_linear(linear)
+    reference = layer.dequantized()  # float32 weights = int8 weights x row scales
+    assert (reference.weight - linear.weight).abs().max() <= layer.weight_scale.max() / 2 + 1e-7
+    x = torch.randn(3, 5, in_features)
+    if in_features % 8:
+        torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+    else:  # bfloat16 activations in, the product out in bfloat16 before the scales: ~3 significant digits
+        torch.testing.assert_close(layer(x), reference(x), atol=2e-2, rtol=1e-2)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
