@@ -209,5 +209,11 @@ def _figures(figures) -> XatlFigures:
                        state_bytes=figures.state_bytes, peak_memory_bytes=figures.peak_memory_bytes)
 
 
+#: characters that JSON leaves raw but Python's `str.splitlines` (and so httpx's `iter_lines`) breaks lines at;
+#: generated text holds them now and then, which cut an event in two for such clients
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # JSON escapes every other line break; these three it keeps raw, and only inside strings: escape them
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKERS)}\n\n"

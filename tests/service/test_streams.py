@@ -99,3 +99,15 @@ def test_an_engine_error_mid_stream_arrives_as_an_error_event(server, monkeypatc
                                        extra_body={"ignore_eos": True}))
     monkeypatch.undo()
     assert client.completions.create(model="tiny-gla", prompt="x", max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_an_event_holding_unicode_line_separators_stays_one_line_for_line_splitting_clients():
+    # generated text may hold U+2028, U+2029 or U+0085, which JSON leaves raw and httpx's iter_lines
+    # (str.splitlines) breaks lines at: the client then read half an event (seen in the faults suite)
+    from httpx._decoders import LineDecoder
+
+    from service.routes.completions import _sse
+
+    text = "a\u2028b\x85c\u2029d\ne\rf"
+    lines = [line for line in LineDecoder().decode(_sse({"text": text})) if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == {"text": text}
