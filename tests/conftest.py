@@ -24,6 +24,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A Redis for the tests that need one: XATL_TEST_REDIS_URL's, or one started here (its own port
+    and folder) as `xatl serve` starts its embedded Redis. Each test using it flushes its database."""
+    given = os.environ.get("XATL_TEST_REDIS_URL")
+    if given:  # then give the tests a database of their own (e.g. /15)
+        yield given
+        return
+    from service.embedded import start_redis
+
+    child, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    child.stop(5)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     root = os.environ.get("XATL_DATA_DIR")
     if not root:

@@ -276,19 +276,6 @@ def argv(command: list[str]) -> list[str]:
     return [programs.get(command[0], command[0]), *command[1:]]
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    given = os.environ.get("XATL_TEST_REDIS_URL")
-    if given:
-        yield given
-        return
-    from service.embedded import start_redis
-
-    child, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    child.stop(5)
-
-
 @pytest.fixture
 def deployment(config, redis_url, tmp_path):
     """(environment, run): a service's environment from compose, pointed at this machine's Redis and a

@@ -26,19 +26,6 @@ from worker.store import JobStore, migrate
 API_KEY = JOBS_API_KEY
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    given = os.environ.get("XATL_TEST_REDIS_URL")
-    if given:  # then each test flushes its database: give the tests one of their own (e.g. /15)
-        yield given
-        return
-    from service.embedded import start_redis
-
-    child, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    child.stop(5)
-
-
 @pytest.fixture
 def clean_redis(redis_url):
     import redis
