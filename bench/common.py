@@ -18,6 +18,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 
 
+def by_cpu_capability(name: str) -> str:
+    """`name/<the vector instructions torch's CPU kernels use here>` ("avx2", "avx512", ...): results
+    that depend on them (int8 and bf16 kernels most) are kept per kind of CPU, not overwritten."""
+    return f"{name}/{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 def relative_paths(text: str) -> str:
     """Paths of this machine as a reader elsewhere can follow them: relative to the repository
     (`bench/...`) or to the folder beside it (`../shared/...`)."""
@@ -49,6 +55,7 @@ def environment() -> dict:
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "git_commit": commit,
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers_version},
@@ -64,7 +71,8 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
     (folder / "results.json").write_text(relative_paths(json.dumps(payload, indent=1) + "\n"))
     header = (
         f"Command: `{env['command']}` (commit {env['git_commit']}, {env['date']})\n\n"
-        f"Machine: {env['machine']['cpu']}, {env['machine']['cores']} cores, "
+        f"Machine: {env['machine']['cpu']} ({env['machine'].get('cpu_capability', '?')}), "
+        f"{env['machine']['cores']} cores, "
         f"GPU: {env['machine']['gpu'] or 'none'}; torch {env['versions']['torch']} "
         f"({env['torch_threads']} threads), transformers {env['versions']['transformers']}\n\n"
     )

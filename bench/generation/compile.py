@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment, write_results  # noqa: E402
+from common import by_cpu_capability, environment, write_results  # noqa: E402
 from run import (  # noqa: E402 (bench/generation)
     GREEDY,
     copy_bandwidth,
@@ -121,7 +121,7 @@ def main() -> None:
         row["times_bound"] = row["step_median_s"] / row["bound_s"]
     result["load_average_at_end"] = os.getloadavg()
     result["environment"] = environment()
-    print(f"wrote {write_results('generation/compile', result, markdown(result))}")
+    print(f"wrote {write_results(by_cpu_capability('generation/compile'), result, markdown(result))}")
 
 
 def markdown(result: dict) -> str:

@@ -15,11 +15,11 @@ What a user would run instead of us on a CPU is llama.cpp serving the donor. The
 At each context every side is prefilled with the same random prompt, then their decode steps are
 timed in alternating blocks (`run.interleaved_decode`); decode tokens/s = 1 / the median step time
 (the tokens after the first). The ratios xatl int8 / llama.cpp Q8_0 and xatl bf16 / llama.cpp F16
-are checked against the issue's goals. Results go to results/generation/llamacpp.
+are checked against the issue's goals. Results go to results/generation/llamacpp/<cpu capability>.
 
 With `--streams 16,64`: N concurrent streams at `--stream-context` tokens, llama.cpp's parallel
 slots against our continuous batching, aggregate decode tokens/s (`llamacpp_streams.py`); results
-go to results/generation/llamacpp/streams.
+go to results/generation/llamacpp/<cpu capability>/streams.
 
     pip install -e ".[bench]"   # compiles llama.cpp (minutes)
     python bench/generation/llamacpp.py --contexts 512,2048,8192
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment, write_results  # noqa: E402
+from common import by_cpu_capability, environment, write_results  # noqa: E402
 from run import (  # noqa: E402 (bench/generation)
     interleaved_decode,
     random_prompt,
@@ -374,7 +374,7 @@ def one_stream(args) -> None:
     def save() -> None:
         result["load_average_at_end"] = os.getloadavg()
         result["environment"] = environment()
-        print(f"wrote {write_results('generation/llamacpp', result, markdown(result))}", flush=True)
+        print(f"wrote {write_results(by_cpu_capability('generation/llamacpp'), result, markdown(result))}", flush=True)
 
     measure(args, result, save)
 
@@ -391,7 +391,8 @@ def streams(args) -> None:
         if args.quick:
             print(llamacpp_streams.markdown(result), flush=True)
         else:
-            folder = write_results("generation/llamacpp/streams", result, llamacpp_streams.markdown(result))
+            name = by_cpu_capability("generation/llamacpp") + "/streams"
+            folder = write_results(name, result, llamacpp_streams.markdown(result))
             print(f"wrote {folder}", flush=True)
 
     llamacpp_streams.measure_streams(args, result, save)

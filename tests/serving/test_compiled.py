@@ -22,12 +22,11 @@ def greedy_tokens(engine: Engine, prompt: list[int], count: int) -> list[int]:
 
 def test_auto_compiles_where_it_paid_and_leaves_the_rest_eager():
     expected = "inductor" if _has_cpp_compiler() else None  # inductor's CPU code is C++
-    assert compile_backend("auto", "bf16", CPU) == expected
+    assert compile_backend("auto", "bf16", CPU) == compile_backend("auto", "int8", CPU) == expected
     assert compile_backend("auto", "fp32", CPU) is None  # bound by reading its weights: no faster compiled
-    assert compile_backend("auto", "int8", CPU) is None  # graph breaks at every quantised linear
     assert compile_backend("auto", "fp32", CUDA) is None  # not measured on a GPU yet
     assert compile_backend("on", "fp32", CPU) == compile_backend(True, "bf16", CPU) == "inductor"
-    assert compile_backend("on", "int8", CPU) is None  # inductor fails to lower the int8 kernel
+    assert compile_backend("on", "int8", CPU) == "inductor"
     assert compile_backend("off", "fp32", CPU) is compile_backend(False, "fp32", CPU) is None
     assert compile_backend("eager", "fp32", CPU) == "eager"
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
@@ -64,11 +63,13 @@ def test_an_engine_whose_compilation_fails_stays_eager_and_serves(tokenizer, cap
 
 
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")
-def test_the_default_inductor_step_with_frozen_weights_equals_eager(tokenizer):
-    # the service's default path for bf16: inductor, C++ wrapper, frozen weights (about a minute here)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_default_inductor_step_equals_eager(tokenizer, precision):
+    # the service's default path: inductor, C++ wrapper, frozen float weights or int8 weights as
+    # inputs (about a minute each here)
     model = tiny_model(["gla", "attention"], len(tokenizer))
-    eager = Engine(model, tokenizer, background=False)
-    compiled = Engine(model, tokenizer, background=False, compile="on")
+    eager = Engine(model, tokenizer, background=False, precision=precision)
+    compiled = Engine(model, tokenizer, background=False, compile="on", precision=precision)
     assert compiled.wait_until_compiled(timeout=900), compiled._compiler.error
     prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "日本語のテキスト")]
     for prompt in prompts:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from xatl.mixers.base import MixerState
 from xatl.model import XatlForCausalLM
+from xatl.quantization import Int8Linear
 
 
 def state_nbytes(state: MixerState | None) -> int:
@@ -48,9 +49,11 @@ class DecodeBatch:
         """The model's decode step under `torch.compile` (compiled at its first calls), dynamic shapes
         since rows join and leave and attention caches grow."""
         # inductor's C++ wrapper calls the kernels without a Python frame per op; freezing makes the
-        # weights constants that it prepacks for oneDNN/MKL (xatl.serving.compiled has the figures)
+        # weights constants that it prepacks for oneDNN/MKL (xatl.serving.compiled has the figures),
+        # but inductor fails to lower int8 weights frozen, so those stay plain inputs;
         # one compile thread: no pool of compiler processes to outlive a server stopped mid-compile
-        options = {"cpp_wrapper": True, "freezing": True, "compile_threads": 1} if backend == "inductor" else None
+        int8 = any(isinstance(module, Int8Linear) for module in self.model.modules())
+        options = {"cpp_wrapper": True, "freezing": not int8, "compile_threads": 1} if backend == "inductor" else None
         return torch.compile(self.model.decode_step, backend=backend, dynamic=True, options=options)
 
     def use_step(self, step) -> None:

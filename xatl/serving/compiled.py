@@ -2,13 +2,18 @@
 
 Inductor removes the per-op Python overhead of a small model's decode step (its C++ wrapper calls
 the kernels without a Python frame per op) and, with frozen weights, prepacks them for oneDNN/MKL
-(the packed copies take as much memory again as the weights). Measured side by side on one core of
-an AMD EPYC (random-width512 GLA, bench/results/generation/compile): bf16 1.17-1.18x the eager
-tokens/s; fp32 0.94-0.98x (within the noise: its step is bound by reading 209 MB of weights); int8
-(then torch's dynamic quantisation) 0.65-0.75x, since dynamo could not trace its packed weights (a
-TorchScript object) and broke the graph at each of them. So "auto" compiles bf16 on a CPU only. The
-weight-only int8 of `xatl.quantization.Int8Linear` does not compile at all with frozen weights
-(inductor fails to lower it, torch 2.13), so int8 always decodes eagerly, even with "on".
+(the packed copies take as much memory again as the weights). Measured side by side on one core
+(random-width512 GLA, bench/results/generation/compile), compiled / eager tokens/s:
+
+| precision | AMD EPYC, AVX512-BF16 | AMD EPYC, AVX2 only |
+|---|---|---|
+| bf16 (frozen) | 1.17-1.18x | 1.45x |
+| int8 (weights not frozen) | 1.40x | 1.43-1.65x |
+| fp32 (frozen) | 0.94-0.98x | 1.21x |
+
+So "auto" compiles bf16 and int8 on a CPU; fp32, bound by reading 209 MB of weights a step where
+the memory is fast, stays eager. The weight-only int8 of `xatl.quantization.Int8Linear` compiles
+with its weights as plain inputs: frozen, inductor fails to lower its kernel (torch 2.13).
 
 Compiling costs tens of seconds (44-86 s on 2 shared cores). `StepCompiler` pays it at load on a
 thread of its own: the engine decodes eagerly meanwhile and switches to the compiled step once it
@@ -34,17 +39,17 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", "on", "off")
 
 #: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring)
-_PAYS_ON_CPU = ("bf16",)
+_PAYS_ON_CPU = ("bf16", "int8")
 
 
 def compile_backend(compile: bool | str | None, precision: str, device: torch.device) -> str | None:
     """The `torch.compile` backend for the decode step, or None to run it eagerly.
 
-    `compile`: "auto" (inductor where it paid: bf16 on a CPU that has a C++ compiler for inductor's
-    code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
+    `compile`: "auto" (inductor where it paid: bf16 and int8 on a CPU that has a C++ compiler for
+    inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
     "off"/False/None, or a backend's name ("eager", ...).
     """
-    if compile in (None, False, "off") or precision == "int8":  # int8: see the module's docstring
+    if compile in (None, False, "off"):
         return None
     if compile == "auto":
         pays = torch.device(device).type == "cpu" and precision in _PAYS_ON_CPU
