@@ -2,6 +2,8 @@
 requests served eagerly meanwhile, the same tokens once compiled, and an eager engine when compiling
 fails."""
 
+import collections
+
 import pytest
 import torch
 from serving_fixtures import plans, tiny_model
@@ -50,6 +52,32 @@ def test_requests_are_served_while_compiling_and_give_the_same_tokens_after(toke
     streams = [compiled.submit(p, SamplingParams(max_new_tokens=5, **GREEDY)) for p in prompts]
     together = [[event.token_id for event in stream] for stream in streams]
     assert together == [greedy_tokens(eager, p, 5) for p in prompts]
+
+
+def test_every_model_of_a_process_decodes_with_its_compiled_step(tokenizer):
+    # dynamo keeps the compiled variants of `decode_step` together for all models: past its limit a
+    # model's steps fall back to eager without an error, so count the compiled graphs' own calls
+    torch._dynamo.reset()  # no variants compiled by earlier tests, which a matching model would reuse
+    calls = collections.Counter()
+
+    def counting(graph, example_inputs):
+        name = f"graph {len(calls)}"
+        calls[name] = 0
+
+        def run(*args):
+            calls[name] += 1
+            return graph.forward(*args)
+        return run
+
+    engines = [Engine(tiny_model(PLANS["gla"], len(tokenizer), seed=seed), tokenizer, background=False,
+                      compile=counting) for seed in range(5)]
+    prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "Héllo wörld, ça va?")]
+    for engine in engines:
+        assert engine.wait_until_compiled(timeout=300), engine._compiler.error
+        before = sum(calls.values())
+        streams = [engine.submit(p, SamplingParams(max_new_tokens=6, **GREEDY)) for p in prompts]
+        assert all(len(list(stream)) == 6 for stream in streams)
+        assert sum(calls.values()) - before >= 5  # the steps after the first token, all compiled
 
 
 def test_an_engine_whose_compilation_fails_stays_eager_and_serves(tokenizer, caplog):

@@ -23,6 +23,10 @@ def state_nbytes(state: MixerState | None) -> int:
     return 0 if state is None else sum(t.numel() * t.element_size() for t in state.values())
 
 
+#: compiled variants of the decode step a model may add (one row, rows, states from prefill or step)
+VARIANTS_PER_MODEL = 8
+
+
 class DecodeBatch:
     """Mixer states of the running sequences and the forward that advances them all one token.
 
@@ -54,6 +58,11 @@ class DecodeBatch:
         # one compile thread: no pool of compiler processes to outlive a server stopped mid-compile
         int8 = any(isinstance(module, Int8Linear) for module in self.model.modules())
         options = {"cpp_wrapper": True, "freezing": not int8, "compile_threads": 1} if backend == "inductor" else None
+        # dynamo keeps the compiled variants of a code object together, and `decode_step` is one code
+        # object for every model of the process (a server holds several): each compiled model adds
+        # its own variants (3 seen for one), so from the third model on the default limit (8) was
+        # reached and its steps ran eagerly, without a word but a log line; room for each model
+        torch._dynamo.config.recompile_limit += VARIANTS_PER_MODEL
         return torch.compile(self.model.decode_step, backend=backend, dynamic=True, options=options)
 
     def use_step(self, step) -> None:

@@ -42,12 +42,12 @@ COMPILE_MODES = ("auto", "on", "off")
 _PAYS_ON_CPU = ("bf16", "int8")
 
 
-def compile_backend(compile: bool | str | None, precision: str, device: torch.device) -> str | None:
+def compile_backend(compile, precision: str, device: torch.device):
     """The `torch.compile` backend for the decode step, or None to run it eagerly.
 
     `compile`: "auto" (inductor where it paid: bf16 and int8 on a CPU that has a C++ compiler for
     inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
-    "off"/False/None, or a backend's name ("eager", ...).
+    "off"/False/None, or a backend: its name ("eager", ...) or the backend itself (a callable).
     """
     if compile in (None, False, "off"):
         return None
@@ -56,6 +56,8 @@ def compile_backend(compile: bool | str | None, precision: str, device: torch.de
         return "inductor" if pays and _has_cpp_compiler() else None
     if compile in (True, "on"):
         return "inductor"
+    if callable(compile):  # a dynamo backend itself (a function of the graph and its example inputs)
+        return compile
     if not isinstance(compile, str) or not compile:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, a bool or a backend's name, "
                          f"got {compile!r}")
