@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
+XATL = Path(sys.executable).with_name("xatl")  # the CLI of the environment the benchmark runs in
 
 
 def by_cpu_capability(name: str) -> str:
@@ -87,3 +90,63 @@ def timed(fn, *, sync=None) -> float:
     if sync:
         sync()
     return time.perf_counter() - start
+
+
+class XatlServer:
+    """`xatl serve` in a process of its own on a free port, with the data directory `home`, API key
+    `key`, none of the caller's XATL_* variables but `env`, and its output in `log`; with `worker`,
+    its local Celery worker too (else `--no-worker`)."""
+
+    def __init__(self, home: Path, *, key: str, log: Path, worker: bool = False, env: dict | None = None,
+                 start_timeout: float = 180):
+        import httpx
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("XATL_")}
+        environment.update({"XATL_API_KEYS": key, **(env or {})})
+        args = [str(XATL), "serve", "--data-dir", str(home), "--port", str(self.port)]
+        self.log = open(log, "w")  # noqa: SIM115 (closed by stop)
+        self.process = subprocess.Popen(args + ([] if worker else ["--no-worker"]), env=environment,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"xatl serve did not answer /health within {start_timeout:.0f} s (its log: {log})")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its children (the embedded Redis, the worker)."""
+        total = 0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def stop(self) -> None:
+        """SIGINT (a graceful shutdown), killed after 120 s."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(p) for p in found] + [c for p in found for c in _children(int(p))]

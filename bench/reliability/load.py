@@ -16,8 +16,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +25,9 @@ from pathlib import Path
 
 import httpx
 
-XATL = Path(sys.executable).with_name("xatl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import XATL, XatlServer  # noqa: E402
+
 KEY = "bench-key"
 WORDS = ("once upon a time there was a little girl named lily she liked to play in the park with her dog "
          "one day the sun was bright and the birds sang the boy was happy and ran to his mom").split()
@@ -67,55 +67,6 @@ def long_prompt(model_dir: Path, tokens: int) -> str:
     text = " ".join(rng.choice(WORDS) for _ in range(tokens))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: tokens - 2]
     return tokenizer.decode(ids)
-
-
-class Server:
-    def __init__(self, data_dir: Path, env: dict):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("XATL_")}
-        environment.update({"XATL_API_KEYS": KEY, **env})
-        self.log = open(data_dir.parent / "server.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen([str(XATL), "serve", "--no-worker", "--data-dir", str(data_dir), "--port",
-                                         str(self.port)], env=environment, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError("xatl serve did not start")
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and its children (the embedded Redis)."""
-        total = 0
-        for pid in [self.process.pid, *_children(self.process.pid)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(p) for p in found] + [c for p in found for c in _children(int(p))]
 
 
 async def _stream(http: httpx.AsyncClient, model: str, tally: Tally, rng: random.Random, *, disconnect: float,
@@ -222,7 +173,7 @@ def run_load(work: Path, data_dir: Path, *, streams: int, seconds: float, long_p
     prompt = long_prompt(home / "models" / model, long_prompt_tokens)
     env = {"XATL_MAX_PROMPT_TOKENS": str(long_prompt_tokens + 64), "XATL_MAX_CONCURRENT_STREAMS": str(streams + 8),
            "XATL_MAX_BATCH_SIZE": str(streams), "XATL_TORCH_THREADS": str(threads), "XATL_MAX_TOKENS": "4096"}
-    server = Server(home, env)
+    server = XatlServer(home, key=KEY, log=work / "server.log", env=env)
     try:
         # warm-up: the model loaded, a few streams and one long prompt, then the memory to compare with
         asyncio.run(_drive(server.url, model, streams=min(streams, 4), seconds=5, disconnect=0.0,

@@ -18,10 +18,7 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,39 +28,9 @@ from typing import NamedTuple
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import environment, write_results  # noqa: E402
+from common import XatlServer, environment, write_results  # noqa: E402
 
-XATL = Path(sys.executable).with_name("xatl")
 KEY = "bench-key"
-
-
-class Server:
-    """`xatl serve` in a process of its own, on a free port, with a fresh data directory."""
-
-    def __init__(self, data_dir: Path, *, worker: bool, env: dict | None = None):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("XATL_")}
-        environment.update({"XATL_API_KEYS": KEY, **(env or {})})
-        args = [str(XATL), "serve", "--data-dir", str(data_dir), "--port", str(self.port)]
-        self.log = open(data_dir.parent / f"{data_dir.name}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(args + ([] if worker else ["--no-worker"]), env=environment,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("xatl serve did not start")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=120)
-        self.log.close()
 
 
 def percentiles(measured: Measured) -> dict:
@@ -112,7 +79,7 @@ async def _load(url: str, requests: list[tuple[str, str, dict | None]], clients:
 
 def route_latencies(data_dir: Path, args, database_url: str | None) -> dict:
     env = {"XATL_DATABASE_URL": database_url} if database_url else {}
-    server = Server(data_dir, worker=False, env=env)
+    server = XatlServer(data_dir, key=KEY, log=data_dir.parent / f"{data_dir.name}.log", env=env)
     try:
         spec = lambda i: {"type": "conversion", "donor": "org/model", "suffix": f"b{i}"}  # noqa: E731
         creates = asyncio.run(_load(server.url, [("POST", "/v1/jobs", spec(i)) for i in range(args.jobs)],
@@ -167,7 +134,7 @@ def first_job(root: Path, args) -> dict:
     for name, relative in (("stories260K.bin", "stories260K/stories260K.bin"), ("tok512.bin", "stories260K/tok512.bin"),
                            ("tinystories_val.txt", "tinystories_val_subset/tinystories_val.txt")):
         (sample / name).symlink_to(data / relative)
-    server = Server(root / "serve", worker=True)
+    server = XatlServer(root / "serve", key=KEY, log=root / "serve.log", worker=True)
     try:
         started = time.perf_counter()
         jobs = run_sample(server.url, KEY, sample, root / "serve" / "models", tokens=args.sample_tokens,
