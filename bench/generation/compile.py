@@ -4,8 +4,8 @@ from the bandwidth bound of the bytes it reads.
 
 The model is `run.py`'s `random-width512` converted to GLA (a random-weight 66M Llama: width 512, 8
 layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16, int8) one
-engine decodes eagerly and one compiles its step (`compile="on"`: inductor with frozen weights, as
-the service's `auto` does where this measured it faster: bf16).
+engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
+int8 ones as inputs, as the service's `auto` does where this measured it faster: bf16, int8).
 
 1. Load: an engine is created and a request (a 64-token prompt, 32 new tokens) is submitted at once,
    while the step compiles on its own thread: its time to first token and tokens/s, and the seconds
@@ -127,7 +127,8 @@ def main() -> None:
 def markdown(result: dict) -> str:
     out = ["# The decode step compiled at load, against eager (issue 16)", "",
            "random-width512 converted to GLA (random-weight 66M Llama: width 512, 8 layers, 32,000-token "
-           "vocabulary), torch on one thread. `on`: the step compiled with inductor and frozen weights (the service's "
+           "vocabulary), torch on one thread. `on`: the step compiled with inductor, float weights frozen, int8 ones "
+           "as inputs (the service's "
            "`XATL_COMPILE=auto` does so where it measured faster). The machine is shared: "
            "ratios measured side by side, not absolute rates, are the result.", "",
            "## Load: a request submitted the moment the engine exists", "",

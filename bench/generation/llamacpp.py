@@ -227,7 +227,7 @@ def measure(args, result: dict, save) -> None:
     """Fill `result`, calling `save()` after each context: a long run interrupted keeps what it measured."""
     size = random_width512(args)
     vocab, config = size.donor.config.vocab_size, size.donor.config
-    # as the service runs them (compile="auto": bf16's step compiled; warm_up waits for it); the whole
+    # as the service runs them (compile="auto": bf16's and int8's steps compiled; warm_up waits for them); the whole
     # prompt prefilled at admission
     ours = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
                                 prefill_chunk=None, compile="auto") for p in PRECISIONS}
@@ -300,9 +300,9 @@ def markdown(result: dict) -> str:
         "# llama.cpp beside xatl: one stream, one thread (issue 16)\n",
         "random-width512 (random-weight 66M Llama; converted: GLA). llama.cpp serves the donor from GGUF "
         "(F16, Q8_0; flash attention, n_threads=1); xatl serves the converted model at fp32/bf16/int8 "
-        "weights (int8: weight-only, bfloat16 activations; bf16's decode step compiled, as `XATL_COMPILE=auto` "
-        "does) and the donor at fp32. Decode tokens/s after a prompt of `context` tokens (1 / median "
-        "step, steps of all six interleaved in blocks).\n",
+        "weights (int8: weight-only, bfloat16 activations; bf16's and int8's decode steps compiled, as "
+        "`XATL_COMPILE=auto` does) and the donor at fp32. Decode tokens/s after a prompt of `context` tokens "
+        "(1 / median step, steps of all six interleaved in blocks).\n",
         f"Versions: llama-cpp-python {result['versions']['llama_cpp_python']}, gguf "
         f"{result['versions']['gguf']}. llama.cpp: `{result['versions']['llama_cpp_system_info']}`\n",
         "| context | llama.cpp F16 | llama.cpp Q8_0 | xatl GLA fp32 | xatl GLA bf16 | xatl GLA int8 | xatl donor fp32 "

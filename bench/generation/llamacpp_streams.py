@@ -196,7 +196,7 @@ def measure_streams(args, result: dict, save) -> None:
     config, vocab = size.donor.config, size.donor.config.vocab_size
     cache_bytes_per_token = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim  # f16 K, V
     engines = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
-                                   prefill_chunk=None, max_batch_size=max(args.streams))
+                                   prefill_chunk=None, max_batch_size=max(args.streams), compile="auto")
                for p in args.stream_precisions}
     for engine in engines.values():
         warm_up(engine, vocab)
@@ -273,7 +273,7 @@ def markdown(result: dict) -> str:
         "prompt's cells are shared, not copied (a common prefix only; independent prompts would each "
         "hold their own). xatl: the engine (`xatl.serving.Engine`, max_batch_size N, no prefix "
         "sharing: each of the N prompts prefilled at admission), the converted model at the weight "
-        "precisions named.\n",
+        "precisions named, its decode step compiled where `XATL_COMPILE=auto` compiles it (bf16, int8).\n",
         f"Versions: llama-cpp-python {result['versions']['llama_cpp_python']}, gguf "
         f"{result['versions']['gguf']}. llama.cpp: `{result['versions']['llama_cpp_system_info']}`\n",
         "Aggregate decode tokens/s:\n",
