@@ -7,19 +7,22 @@ the kernels without a Python frame per op) and, with frozen weights, prepacks th
 
 | precision | AMD EPYC, AVX512-BF16 | AMD EPYC, AVX2 only |
 |---|---|---|
-| bf16 (frozen) | 1.17-1.18x | 1.45x |
-| int8 (weights not frozen) | 1.40x | 1.43-1.65x |
-| fp32 (frozen) | 0.94-0.98x | 1.21x |
+| bf16 (frozen) | 1.17-1.18x | 1.38-1.47x |
+| int8 (weights not frozen) | 1.40x (measured apart) | 1.54-1.72x |
+| fp32 (frozen) | 0.94-0.98x | 1.24x |
 
-So "auto" compiles bf16 and int8 on a CPU; fp32, bound by reading 209 MB of weights a step where
-the memory is fast, stays eager. The weight-only int8 of `xatl.quantization.Int8Linear` compiles
-with its weights as plain inputs: frozen, inductor fails to lower its kernel (torch 2.13).
+So "auto" compiles bf16 and int8 on a CPU; fp32 stays eager: where the memory is fast it is bound
+by reading 209 MB of weights a step, and compiling it takes the longest (159 s on AVX2). The
+weight-only int8 of `xatl.quantization.Int8Linear` compiles with its weights as plain inputs:
+frozen, inductor fails to lower its kernel (torch 2.13).
 
-Compiling costs tens of seconds (44-86 s on 2 shared cores). `StepCompiler` pays it at load on a
-thread of its own: the engine decodes eagerly meanwhile and switches to the compiled step once it
-has run on warm-up sequences (one row, then rows of different lengths, so that the shapes the batch
-takes later reuse the compiled code). Requests served meanwhile share the cores and the GIL with
-the compiler: a first request to a bf16 model took 33 s for 32 tokens instead of 2.6 s.
+Compiling costs tens of seconds to minutes (44-86 s on 2 shared cores with AVX512, 134-159 s with
+AVX2 alone). `StepCompiler` pays it at load on a thread of its own: the engine decodes eagerly
+meanwhile and switches to the compiled step once it has run on warm-up sequences (one row, then
+rows of different lengths, so that the shapes the batch takes later reuse the compiled code).
+Requests served meanwhile share the cores and the GIL with the compiler: a first request to a bf16
+model took 33 s for 32 tokens instead of 2.6 s (AVX512), one to an int8 model 30 s instead of 1.2 s
+(AVX2).
 """
 
 from __future__ import annotations
