@@ -46,6 +46,7 @@ from run import (  # noqa: E402 (bench/generation)
 )
 
 from xatl.serving import Engine, SamplingParams  # noqa: E402
+from xatl.serving import compiled as compiling  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -80,12 +81,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating blocks of decode steps per context")
     parser.add_argument("--block", type=int, default=4, help="decode steps per block")
     parser.add_argument("--copy-megabytes", type=int, default=256)
+    parser.add_argument("--out", default=None,
+                        help="results folder under bench/results (default generation/compile/<cpu capability>)")
+    parser.add_argument("--switch-interval-while-compiling", type=float, default=None,
+                        help="seconds (default: the library's; Python's own is 0.005)")
     args = parser.parse_args()
+    if args.switch_interval_while_compiling is not None:
+        compiling.SWITCH_INTERVAL_WHILE_COMPILING_S = args.switch_interval_while_compiling
+    result_switch = compiling.SWITCH_INTERVAL_WHILE_COMPILING_S
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     size = random_width512(SimpleNamespace(contexts=args.contexts, mixer="gla"))
     vocab = size.converted.config.vocab_size
-    result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(), "load": {}, "decode": []}
+    result = {"settings": dict(vars(args)), "load_average_at_start": os.getloadavg(), "load": {}, "decode": [],
+              "switch_interval_while_compiling_s": result_switch}
     bandwidths = [copy_bandwidth(args.copy_megabytes)]
 
     # 1. load: one engine at a time, so that two compilations never overlap
@@ -121,7 +130,8 @@ def main() -> None:
         row["times_bound"] = row["step_median_s"] / row["bound_s"]
     result["load_average_at_end"] = os.getloadavg()
     result["environment"] = environment()
-    print(f"wrote {write_results(by_cpu_capability('generation/compile'), result, markdown(result))}")
+    out = args.out or by_cpu_capability("generation/compile")
+    print(f"wrote {write_results(out, result, markdown(result))}")
 
 
 def markdown(result: dict) -> str:
@@ -132,6 +142,8 @@ def markdown(result: dict) -> str:
            "`XATL_COMPILE=auto` does so where it measured faster). The machine is shared: "
            "ratios measured side by side, not absolute rates, are the result.", "",
            "## Load: a request submitted the moment the engine exists", "",
+           f"Python's thread switch interval while a step compiles: {result['switch_interval_while_compiling_s']} s "
+           "(its default: 0.005 s).", "",
            "| engine | compiled and warm after (s) | first request: first token (s) | its tokens/s "
            "| decode step while serving it |", "|---|---|---|---|---|"]
     for name, row in result["load"].items():

@@ -3,6 +3,7 @@ requests served eagerly meanwhile, the same tokens once compiled, and an eager e
 fails."""
 
 import collections
+import sys
 
 import pytest
 import torch
@@ -40,11 +41,13 @@ def test_requests_are_served_while_compiling_and_give_the_same_tokens_after(toke
     # dynamo's "eager" backend runs the whole mechanism (thread, warm-up, swap) without a C++ build
     model = tiny_model(PLANS[plan], len(tokenizer))
     eager = Engine(model, tokenizer, background=False)
+    switch_interval = sys.getswitchinterval()
     compiled = Engine(model, tokenizer, background=False, compile="eager")
     prompts = [tokenizer(text)["input_ids"] for text in ("Once upon a time", "Héllo wörld, ça va?")]
 
     during = greedy_tokens(compiled, prompts[0], 6)  # served at once, whatever the compiler's progress
     assert compiled.wait_until_compiled(timeout=300)
+    assert sys.getswitchinterval() == switch_interval  # shortened while compiling only
     assert compiled.stats().decode_step == "compiled" and eager.stats().decode_step == "eager"
     assert during == greedy_tokens(eager, prompts[0], 6)
     for prompt in prompts:  # the compiled step, one row and then two rows of different lengths

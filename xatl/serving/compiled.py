@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -81,6 +82,39 @@ def _lower_this_threads_priority() -> None:
         pass
 
 
+#: Python's thread switch interval while a step compiles (its default: 5 ms); see `_ShortSwitchInterval`
+SWITCH_INTERVAL_WHILE_COMPILING_S = 5e-5
+
+
+class _ShortSwitchInterval:
+    """Python's thread switch interval shortened while any compiler runs, restored after the last.
+
+    Each torch op releases the GIL while its kernel runs and takes it back after; with a compiler
+    tracing and generating code on another thread, taking it back waited up to the switch interval,
+    for each of the hundreds of ops of an eager decode step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._previous = sys.getswitchinterval()
+
+    def __enter__(self):
+        with self._lock:
+            if self._running == 0:
+                self._previous = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._previous, SWITCH_INTERVAL_WHILE_COMPILING_S))
+            self._running += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                sys.setswitchinterval(self._previous)
+
+
+_SHORT_SWITCH_INTERVAL = _ShortSwitchInterval()
+
+
 class StepCompiler:
     """Compiles `batch`'s decode step on a background thread, warms it up on sequences of its own
     and then puts it in place of the eager step.
@@ -112,8 +146,9 @@ class StepCompiler:
         start = time.perf_counter()
         _lower_this_threads_priority()
         try:
-            step = self.batch.compiled_step(self.backend)
-            self._warm_up(step)
+            with _SHORT_SWITCH_INTERVAL:  # requests decoded meanwhile get the GIL back soon after each op
+                step = self.batch.compiled_step(self.backend)
+                self._warm_up(step)
             self.batch.use_step(step)  # from the engine's next step on
             self.status = "compiled"
             self.seconds = time.perf_counter() - start
@@ -141,4 +176,4 @@ class StepCompiler:
                     warm.step(torch.ones(warm.size, dtype=torch.long))
 
 
-__all__ = ["COMPILE_MODES", "StepCompiler", "compile_backend"]
+__all__ = ["COMPILE_MODES", "SWITCH_INTERVAL_WHILE_COMPILING_S", "StepCompiler", "compile_backend"]
