@@ -4,16 +4,14 @@ and its figures (parameters, validation loss, decode speed and state), from the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from xatl.artifacts import model_card
 
-if TYPE_CHECKING:
-    from xatl.pipeline import PipelineResult, PipelineSpec
 
-
-def pipeline_card(spec: PipelineSpec, result: PipelineResult) -> str:
-    """README.md of the model a pipeline publishes: what was done to which base, and its figures."""
+def pipeline_card(spec, result) -> str:
+    """README.md of the model a pipeline publishes: what was done to which base, and its figures.
+    `spec`: its `xatl.pipeline.PipelineSpec`, `result`: its `PipelineResult` (not imported: the
+    pipeline imports this module)."""
     convert = spec.convert
     base = convert.donor if convert is not None else spec.base_model
     mixer = convert.mixer if convert is not None else None

@@ -23,7 +23,7 @@ rows of different lengths, so that the shapes the batch takes later reuse the co
 Requests served meanwhile share the cores and the GIL with the compiler: a first request to a bf16
 model took 33 s for 32 tokens instead of 2.6 s (AVX512), one to an int8 model 30 s instead of 1.2 s
 (AVX2); with the thread switch interval shortened while compiling (`_ShortSwitchInterval`), 5.5 s
-(bench/results/generation/compile/avx2/while-compiling), the compilation 45% longer.
+(bench/results/generation/compile/avx2/while-compiling), the compilation 7-45% longer.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def compile_backend(compile, precision: str, device: torch.device):
     if callable(compile):  # a dynamo backend itself (a function of the graph and its example inputs)
         return compile
     if not isinstance(compile, str) or not compile:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, a bool or a backend's name, "
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, a bool, a backend's name or a backend, "
                          f"got {compile!r}")
     return compile
 
@@ -124,7 +124,7 @@ class StepCompiler:
     `seconds`: how long compiling and warming up took.
     """
 
-    def __init__(self, batch: DecodeBatch, backend: str, vocab_size: int):
+    def __init__(self, batch: DecodeBatch, backend, vocab_size: int):
         self.batch = batch
         self.backend = backend
         self.vocab_size = vocab_size
