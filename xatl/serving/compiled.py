@@ -8,10 +8,12 @@ the kernels without a Python frame per op) and, with frozen weights, prepacks th
 | precision | AMD EPYC, AVX512-BF16 | AMD EPYC, AVX2 only |
 |---|---|---|
 | bf16 (frozen) | 1.17-1.18x | 1.38-1.47x |
-| int8 (weights not frozen) | 1.40x (measured apart) | 1.54-1.72x |
+| int8 (weights not frozen) | not measured | 1.54-1.72x |
 | fp32 (frozen) | 0.94-0.98x | 1.24x |
 
-So "auto" compiles bf16 and int8 on a CPU; fp32 stays eager: where the memory is fast it is bound
+So "auto" compiles bf16 on a CPU, and int8 where it was measured: with AVX2 (with AVX512 an int8
+step compiled with float32 activations around it once ended the process with "terminate called", in
+an earlier session; not measured since). fp32 stays eager: where the memory is fast it is bound
 by reading 209 MB of weights a step, and compiling it takes the longest (159 s on AVX2). The
 weight-only int8 of `xatl.quantization.Int8Linear` compiles with its weights as plain inputs:
 frozen, inductor fails to lower its kernel (torch 2.13).
@@ -43,21 +45,24 @@ logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 
-#: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring)
-_PAYS_ON_CPU = ("bf16", "int8")
+#: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring),
+#: with the CPU capabilities (torch's) where that was measured; None: every one measured
+_PAYS_ON_CPU = {"bf16": None, "int8": ("AVX2",)}
 
 
 def compile_backend(compile, precision: str, device: torch.device):
     """The `torch.compile` backend for the decode step, or None to run it eagerly.
 
-    `compile`: "auto" (inductor where it paid: bf16 and int8 on a CPU that has a C++ compiler for
-    inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
+    `compile`: "auto" (inductor where it paid: bf16, and int8 with AVX2, on a CPU that has a C++
+    compiler for inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
     "off"/False/None, or a backend: its name ("eager", ...) or the backend itself (a callable).
     """
     if compile in (None, False, "off"):
         return None
     if compile == "auto":
-        pays = torch.device(device).type == "cpu" and precision in _PAYS_ON_CPU
+        capabilities = _PAYS_ON_CPU.get(precision, ())  # fp32: none
+        pays = torch.device(device).type == "cpu" and (
+            capabilities is None or torch.backends.cpu.get_cpu_capability() in capabilities)
         return "inductor" if pays and _has_cpp_compiler() else None
     if compile in (True, "on"):
         return "inductor"
@@ -97,7 +102,7 @@ class _ShortSwitchInterval:
     def __init__(self):
         self._lock = threading.Lock()
         self._running = 0
-        self._previous = sys.getswitchinterval()
+        self._previous: float | None = None  # the interval to restore, while any compiler runs
 
     def __enter__(self):
         with self._lock:
