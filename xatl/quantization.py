@@ -1,9 +1,9 @@
 """int8 weights: the layer that runs them, and models saved with them that
 `AutoModelForCausalLM.from_pretrained` loads back int8.
 
-`xatl.serving.apply_precision(model, "int8")` turns every `nn.Linear` into an `Int8Linear` (weight-only
-quantisation: int8 weights with one float32 scale per output row, activations kept in floating
-point) and records the scheme in `model.config.quantization_config`, so that
+`xatl.serving.apply_precision(model, "int8")` turns every `nn.Linear` into an `Int8Linear` (int8
+weights with one float32 scale per output row; activations float between layers, quantised per block
+inside the product) and records the scheme in `model.config.quantization_config`, so that
 `model.save_pretrained(out)` writes, for each such layer `L`, in model.safetensors:
 
 - `L.weight`: int8, (out, in) — the weight is `L.weight * L.weight_scale[:, None]`;
@@ -12,13 +12,22 @@ point) and records the scheme in `model.config.quantization_config`, so that
 
 and in config.json `"quantization_config": {"quant_method": "xatl", "weights": "int8", "activations": "bf16"}`,
 with `tie_word_embeddings` false (the LM head has its own int8 copy; the input embedding stays float32).
+`activations` says that the layers take float activations: how the kernel quantises them inside the
+product is decided at run time, not by the folder.
 
-Why weight-only: torch's dynamically quantised linear (int8 activations, one scale per input tensor)
-was faster on a CPU (random-width512 GLA: 8.9 against 10.1 ms per token) but raised SmolLM2-135M's
-validation cross-entropy by 67% over fp32, the weights alone (dequantised) by 0.5%: one scale per
-tensor cannot hold activations with outliers. `Int8Linear` multiplies bfloat16 activations by the
-int8 weights with `torch._weight_int8pack_mm` (the CPU kernel torchao's int8 weight-only scheme
-uses; its products come out in bfloat16), then applies the float32 scales.
+How it multiplies: the weights are int8 with one scale per output row; the activations are
+quantised on the fly to int8 in blocks of 32 values, one float32 scale per block (llama.cpp's Q8_0
+for activations), by xatl's own kernel, `torch.ops.xatl.int8_linear` (`xatl.kernels`: integer dot
+products with AVX512-VNNI or AVX2, built from source on first use; 1.5-2.8x faster per decode step's
+product than the alternative below, bench/results/generation/compile). Where it cannot be built (no
+C++ compiler) or the input width is not a multiple of 32, the layer multiplies bfloat16 activations
+by the int8 weights with `torch._weight_int8pack_mm` (the CPU kernel torchao's int8 weight-only
+scheme uses), then applies the float32 scales; `use_int8_kernel(model, "torch")` asks for that one.
+Both keep the saved weights as they are: the choice is made at run time, not in the folder.
+
+Why not torch's dynamically quantised linear (int8 activations, one scale per input tensor): it
+raised SmolLM2-135M's validation cross-entropy by 67% over fp32, the weights alone (dequantised) by
+0.3%: one scale per tensor cannot hold activations with outliers; one per block of 32 can.
 
 `import xatl` registers quant_method "xatl" with transformers (`register_quantization_config`,
 `register_quantizer`): loading such a folder builds the model, puts an `Int8Linear` where each
@@ -41,6 +50,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from xatl.kernels import load_int8_linear
+
 QUANT_METHOD = "xatl"
 
 
@@ -57,8 +68,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        # the kernel's own scales stay 1: the float32 ones are applied after it, unrounded
+        # the torch kernel's own scales stay 1: the float32 ones are applied after it, unrounded
         self.register_buffer("_unit_scale", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
+        self.kernel = "xatl" if load_int8_linear() else "torch"  # see `use_int8_kernel`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -81,6 +93,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
+        if x.device.type == "cpu" and self.kernel == "xatl" and self.in_features % 32 == 0:
+            # int8 activations in blocks of 32, integer products, scales and bias applied (one op)
+            out = torch.ops.xatl.int8_linear(flat.float().contiguous(), self.weight, self.weight_scale, self.bias)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel's widths (others crash it)
             activations = flat.to(torch.bfloat16).contiguous()  # the kernel reads rows contiguously
             unit = self._unit_scale.to(torch.bfloat16)  # (a model's `.float()` converts buffers too)
@@ -106,7 +122,24 @@ class Int8Linear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
+
+
+INT8_KERNELS = ("xatl", "torch")
+
+
+def use_int8_kernel(model: nn.Module, kernel: str) -> None:
+    """Run every `Int8Linear` of `model` with `kernel`: "xatl" (`torch.ops.xatl.int8_linear`, int8
+    activations in blocks of 32; where it was built, the default) or "torch" (`_weight_int8pack_mm`,
+    bfloat16 activations). The weights are the same either way."""
+    if kernel not in INT8_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
+    if kernel == "xatl" and not load_int8_linear():
+        raise ValueError("xatl's int8 kernel could not be built on this machine (the log says why)")
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.kernel = kernel
 
 
 class XatlQuantizationConfig(QuantizationConfigMixin):
@@ -229,5 +262,5 @@ def register() -> None:
         register_quantizer(QUANT_METHOD)(XatlQuantizer)
 
 
-__all__ = ["QUANT_METHOD", "Int8Linear", "XatlQuantizationConfig", "XatlQuantizer", "dequantize_int8", "mark_int8",
-           "register", "replace_linears"]
+__all__ = ["INT8_KERNELS", "QUANT_METHOD", "Int8Linear", "XatlQuantizationConfig", "XatlQuantizer", "dequantize_int8",
+           "mark_int8", "register", "replace_linears", "use_int8_kernel"]

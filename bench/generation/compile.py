@@ -3,7 +3,8 @@ per token, what it costs at load, whether the first request waits for it, and ho
 from the bandwidth bound of the bytes it reads.
 
 The model is `run.py`'s `random-width512` converted to GLA (a random-weight 66M Llama: width 512, 8
-layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16, int8) one
+layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16, int8 on
+xatl's kernel, int8-torch: the same weights on torch's `_weight_int8pack_mm`) one
 engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
 int8 ones as inputs, as the service's `auto` does where this measured it faster: bf16, int8).
 
@@ -45,10 +46,14 @@ from run import (  # noqa: E402 (bench/generation)
     weight_bytes_read_per_step,
 )
 
-from xatl.serving import Engine, SamplingParams  # noqa: E402
+from xatl.kernels import int8_linear_path, load_int8_linear  # noqa: E402
+from xatl.quantization import use_int8_kernel  # noqa: E402
+from xatl.serving import Engine, SamplingParams, apply_precision  # noqa: E402
 from xatl.serving import compiled as compiling  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "int8")
+#: "int8-torch": int8 weights multiplied by torch's `_weight_int8pack_mm` (bfloat16 activations), the
+#: kernel int8 layers used before xatl's own (`torch.ops.xatl.int8_linear`, "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-torch")
 
 
 def engines_for(model, tokenizer, precision: str) -> dict[str, Callable[[], Engine]]:
@@ -56,8 +61,16 @@ def engines_for(model, tokenizer, precision: str) -> dict[str, Callable[[], Engi
     turn comes."""
     modes = {"eager": "off", "on": "on"}
     return {f"{precision}/{mode}": functools.partial(
-        Engine, copy.deepcopy(model), tokenizer, background=False, compile=compile, precision=precision,
-        prefill_chunk=None) for mode, compile in modes.items()}
+        Engine, at_precision(model, precision), tokenizer, background=False, compile=compile,
+        precision=precision.split("-")[0], prefill_chunk=None) for mode, compile in modes.items()}
+
+
+def at_precision(model, precision: str):
+    """A copy of `model` for an engine of `precision` (int8-torch: int8 layers on torch's kernel)."""
+    model = copy.deepcopy(model)
+    if precision == "int8-torch":
+        use_int8_kernel(apply_precision(model, "int8"), "torch")
+    return model
 
 
 def first_request(engine: Engine, vocab: int) -> dict:
@@ -130,6 +143,7 @@ def main() -> None:
         row["times_bound"] = row["step_median_s"] / row["bound_s"]
     result["load_average_at_end"] = os.getloadavg()
     result["environment"] = environment()
+    result["int8_kernel_path"] = int8_linear_path() if load_int8_linear() else None
     out = args.out or by_cpu_capability("generation/compile")
     print(f"wrote {write_results(out, result, markdown(result))}")
 
@@ -158,6 +172,15 @@ def markdown(result: dict) -> str:
                    f"| {row['decode_tokens_per_s']:.1f} | {row['speedup_over_eager']:.2f}x "
                    f"| {row['bytes_read_per_step'] / 1e6:.1f} | {row['bound_s'] * 1e3:.2f} "
                    f"| {row['times_bound']:.2f}x |")
+    steps = {(row["context"], row["precision"], row["compile"]): row["step_median_s"] for row in result["decode"]}
+    kernels = [(context, mode, steps[context, "int8-torch", mode] / step)
+               for (context, precision, mode), step in steps.items()
+               if precision == "int8" and (context, "int8-torch", mode) in steps]
+    if kernels:
+        out += ["", f"int8 layers on xatl's kernel (`torch.ops.xatl.int8_linear`, {result.get('int8_kernel_path')} "
+                "path) against torch's `_weight_int8pack_mm` (int8-torch), tokens/s ratio:", "",
+                "| context | step | int8 / int8-torch |", "|---|---|---|"]
+        out += [f"| {context:,} | {mode} | {ratio:.2f}x |" for context, mode, ratio in kernels]
     start, end = (tuple(round(x, 2) for x in result[f"load_average_at_{when}"]) for when in ("start", "end"))
     out += ["", f"Copy bandwidth (read + write of {result['settings']['copy_megabytes']} MB, the better of two "
             f"measurements): {result['copy_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s. Load average at start / end: "

@@ -30,6 +30,7 @@ from common import environment, write_results  # noqa: E402
 import xatl  # noqa: E402
 from xatl.data import TextBlocks  # noqa: E402
 from xatl.eval import evaluate_loss  # noqa: E402
+from xatl.quantization import use_int8_kernel  # noqa: E402
 from xatl.serving.precision import PRECISIONS, apply_precision, model_precision, save_at_precision  # noqa: E402
 
 
@@ -79,7 +80,12 @@ def main() -> None:
                 "logits_equal_in_memory": same_logits,
                 "valid_ce": evaluate_loss(loaded, blocks, batch_size=4).loss,
             })
-            if precision == "int8":  # the weights' share of the loss: int8 weights, float32 activations
+            if precision == "int8":
+                rows[-1]["int8_kernel"] = loaded.lm_head.kernel
+                # the same weights on torch's kernel (bfloat16 activations inside the products)
+                use_int8_kernel(loaded, "torch")
+                rows[-1]["valid_ce_torch_kernel"] = evaluate_loss(loaded, blocks, batch_size=4).loss
+                # the weights' share of the loss: int8 weights, float32 activations
                 rows[-1]["valid_ce_dequantized"] = evaluate_loss(apply_precision(loaded, "fp32"), blocks,
                                                                  batch_size=4).loss
             print(rows[-1], flush=True)
@@ -88,8 +94,9 @@ def main() -> None:
     for row in rows:
         row["bytes_vs_fp32"] = row["safetensors_bytes"] / fp32["safetensors_bytes"]
         row["ce_vs_fp32"] = row["valid_ce"] / fp32["valid_ce"] - 1
-        if "valid_ce_dequantized" in row:
-            row["ce_dequantized_vs_fp32"] = row["valid_ce_dequantized"] / fp32["valid_ce"] - 1
+        for key in ("dequantized", "torch_kernel"):
+            if f"valid_ce_{key}" in row:
+                row[f"ce_{key}_vs_fp32"] = row[f"valid_ce_{key}"] / fp32["valid_ce"] - 1
     result = {"donor": args.donor, "mixer": args.mixer, "text": args.text, "blocks": len(blocks),
               "block_size": args.block_size, "rounds": args.rounds, "rows": rows, "environment": environment()}
     print(f"wrote {write_results('saved_precision', result, _markdown(result))}")
@@ -115,12 +122,14 @@ def _markdown(result: dict) -> str:
                      f"{r['bytes_vs_fp32']:.2f}x | {r['load_s']:.2f} | {r['weights_equal_in_memory']} | "
                      f"{r['logits_equal_in_memory']} | {r['valid_ce']:.4f} | {r['ce_vs_fp32']:+.2%} |")
     int8 = next(r for r in result["rows"] if r["precision"] == "int8")
-    lines += ["", f"The int8 folder's weights dequantised to float32 (float32 activations, `apply_precision(model, "
-              f"\"fp32\")`): valid CE {int8['valid_ce_dequantized']:.4f} ({int8['ce_dequantized_vs_fp32']:+.2%} "
-              "against fp32): what the int8 weights as stored cost; the rest of the int8 row's difference is its "
-              "activations' rounding to bfloat16 inside the int8 matrix products (weight-only int8, "
-              "`xatl.quantization.Int8Linear`). With torch's dynamic int8 activations instead (one scale per input "
-              "tensor), used before commit 93a7ebc, the int8 row measured +66.89% (valid CE 3.6453)."]
+    lines += ["", f"The int8 row multiplies with `Int8Linear`'s kernel `{int8['int8_kernel']}` (xatl: activations "
+              "quantised to int8 in blocks of 32 inside each product, `torch.ops.xatl.int8_linear`). The same folder "
+              f"on torch's kernel (`use_int8_kernel(model, \"torch\")`, bfloat16 activations): valid CE "
+              f"{int8['valid_ce_torch_kernel']:.4f} ({int8['ce_torch_kernel_vs_fp32']:+.2%}); its weights dequantised "
+              f"to float32 (float32 activations, `apply_precision(model, \"fp32\")`): "
+              f"{int8['valid_ce_dequantized']:.4f} ({int8['ce_dequantized_vs_fp32']:+.2%}), what the int8 weights "
+              "as stored cost. With torch's dynamic int8 activations instead (one scale per input tensor), used "
+              "before commit 93a7ebc, the int8 row measured +66.89% (valid CE 3.6453)."]
     return "\n".join(lines) + "\n"
 
 

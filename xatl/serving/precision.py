@@ -5,10 +5,11 @@
   bfloat16 between the layers.
 - int8: the weights of every `nn.Linear` (the mixers' projections, the MLPs and the LM head, which
   gets its own int8 copy when it is tied to the input embedding) quantised per output row to int8,
-  symmetric (`xatl.quantization.Int8Linear`); the activations stay float (weight-only quantisation:
-  bfloat16 inside the int8 matrix product, `torch._weight_int8pack_mm`, float32 scales after it).
+  symmetric (`xatl.quantization.Int8Linear`); the activations stay float32 between layers and are
+  quantised to int8 in blocks of 32 inside each product by xatl's kernel (`xatl.kernels`; where it
+  cannot be built, bfloat16 inside torch's `_weight_int8pack_mm`), float32 scales after it.
   The input embedding (one row read per token), the norms, the convolutions and the decay
-  parameters stay in float32. CPU only (the kernel was measured there alone). Torch's dynamic int8
+  parameters stay in float32. CPU only (the kernels were measured there alone). Torch's dynamic int8
   linear (int8 activations, one scale per input tensor), used before, was 12% faster per token but
   raised a real model's cross-entropy by 67% (SmolLM2-135M; bench/results/saved_precision).
 
