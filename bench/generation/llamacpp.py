@@ -53,6 +53,7 @@ from run import (  # noqa: E402 (bench/generation)
 )
 
 import xatl  # noqa: E402
+from xatl.kernels import int8_linear_path, load_int8_linear  # noqa: E402
 from xatl.serving import Engine  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -227,13 +228,16 @@ def measure(args, result: dict, save) -> None:
     """Fill `result`, calling `save()` after each context: a long run interrupted keeps what it measured."""
     size = random_width512(args)
     vocab, config = size.donor.config.vocab_size, size.donor.config
-    # as the service runs them (compile="auto": bf16's and int8's steps compiled; warm_up waits for them); the whole
-    # prompt prefilled at admission
+    # as the service runs them (compile="auto"; warm_up waits for the compiled steps); the whole prompt
+    # prefilled at admission
     ours = {f"xatl_{p}": Engine(copy.deepcopy(size.converted), size.tokenizer, background=False, precision=p,
                                 prefill_chunk=None, compile="auto") for p in PRECISIONS}
     ours["xatl_donor_fp32"] = Engine(size.donor, size.tokenizer, background=False, prefill_chunk=None)
     for engine in ours.values():
         warm_up(engine, vocab)
+    result["compiled"] = [role for role, engine in ours.items() if engine.stats().decode_step == "compiled"]
+    result["int8_kernel"] = (f"xatl's kernel (`torch.ops.xatl.int8_linear`, {int8_linear_path()} path)"
+                             if load_int8_linear() else "torch's `_weight_int8pack_mm` (bfloat16 activations)")
     result.update(weight_bytes_read_per_step={role: weight_bytes_read_per_step(e.model) for role, e in ours.items()},
                   contexts=[])
     with tempfile.TemporaryDirectory() as folder:
@@ -300,8 +304,9 @@ def markdown(result: dict) -> str:
         "# llama.cpp beside xatl: one stream, one thread (issue 16)\n",
         "random-width512 (random-weight 66M Llama; converted: GLA). llama.cpp serves the donor from GGUF "
         "(F16, Q8_0; flash attention, n_threads=1); xatl serves the converted model at fp32/bf16/int8 "
-        "weights (int8: weight-only, bfloat16 activations; bf16's and int8's decode steps compiled, as "
-        "`XATL_COMPILE=auto` does) and the donor at fp32. Decode tokens/s after a prompt of `context` tokens "
+        f"weights (int8: activations quantised in blocks of 32 inside the products by {result['int8_kernel']}; "
+        f"decode steps compiled where `XATL_COMPILE=auto` compiles them here: {', '.join(result['compiled']) or 'none'}) "
+        "and the donor at fp32. Decode tokens/s after a prompt of `context` tokens "
         "(1 / median step, steps of all six interleaved in blocks).\n",
         f"Versions: llama-cpp-python {result['versions']['llama_cpp_python']}, gguf "
         f"{result['versions']['gguf']}. llama.cpp: `{result['versions']['llama_cpp_system_info']}`\n",

@@ -2,6 +2,7 @@
 block-quantised product computed in float64, stays close to the float product, refuses bad input,
 compiles, runs on two threads, and where it cannot be built the int8 layers keep torch's kernel."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from xatl.kernels import PATHS, int8_linear_path, load_int8_linear
+from xatl.kernels import CACHE_DIR, PATHS, SOURCE, int8_linear_path, library_name, load_int8_linear
 from xatl.quantization import Int8Linear, use_int8_kernel
 
 pytestmark = pytest.mark.skipif(not load_int8_linear(), reason="no C++ compiler to build the kernel")
@@ -118,21 +119,42 @@ def test_it_compiles_with_dynamic_shapes():
         assert torch.equal(compiled(x), layer(x))
 
 
+def run_without_a_compiler(script: str, home) -> subprocess.CompletedProcess:
+    """`script` in a process of its own (this one has loaded the op already) with an empty PATH (no
+    c++, g++ or clang++) and `home` as its home (whose .cache/xatl/kernels is the kernel's cache)."""
+    prelude = f"import os\nos.environ['PATH'] = ''\nos.environ['HOME'] = {str(home)!r}\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_without_a_compiler_the_int8_layers_keep_torchs_kernel(tmp_path):
-    # a process of its own: this one has loaded the op already
-    script = textwrap.dedent(f"""
-        import logging, os, torch
-        os.environ["PATH"] = ""  # no c++, g++ or clang++
-        logging.basicConfig(level=logging.WARNING)
-        from pathlib import Path
-        from xatl.kernels import load_int8_linear
-        assert load_int8_linear(Path({str(tmp_path)!r})) is False
+    done = run_without_a_compiler("""
+        import logging
+        logging.basicConfig()
+        import torch
+        from xatl.kernels import CACHE_DIR, load_int8_linear
         from xatl.quantization import Int8Linear
+        assert load_int8_linear() is False
         layer = Int8Linear.from_linear(torch.nn.Linear(64, 8))
         assert layer.kernel == "torch", layer.kernel
         layer(torch.randn(2, 64))
-        assert list(Path({str(tmp_path)!r}).iterdir()) == []
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert not CACHE_DIR.exists() or list(CACHE_DIR.iterdir()) == []
+    """, home=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "no C++ compiler" in done.stderr and "_weight_int8pack_mm instead" in done.stderr
+
+
+def test_a_kernel_built_elsewhere_loads_without_a_compiler(tmp_path):
+    # as an image without a compiler ships it: built (here: by this machine's first load) and copied
+    built = next(path for path in (SOURCE.parent / library_name(), CACHE_DIR / library_name()) if path.exists())
+    cache = tmp_path / ".cache" / "xatl" / "kernels"
+    cache.mkdir(parents=True)
+    shutil.copy(built, cache / built.name)
+    done = run_without_a_compiler("""
+        import torch
+        from xatl.kernels import load_int8_linear
+        from xatl.quantization import Int8Linear
+        assert load_int8_linear() is True
+        assert Int8Linear.from_linear(torch.nn.Linear(64, 8)).kernel == "xatl"
+    """, home=tmp_path)
+    assert done.returncode == 0, done.stderr

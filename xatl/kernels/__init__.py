@@ -16,7 +16,8 @@ activations) elsewhere. Measured against that kernel on one core of an AMD EPYC 
 | 32000 x 512 | 16 | 10485 | 6407 | 683 |
 
 Built once per machine and torch version into `~/.cache/xatl/kernels` (about 10 s on two cores),
-written aside and renamed into place, so that processes building at once never load half a file.
+written aside and renamed into place, so that processes building at once never load half a file;
+an image without a compiler ships it built beside this file (docker/Dockerfile: `build_int8_linear`).
 Without a compiler, or if the build fails, `load_int8_linear()` says why in the log and returns
 False, and the int8 layers keep torch's kernel.
 """
@@ -46,33 +47,38 @@ def _compiler() -> str | None:
     return next((found for name in ("c++", "g++", "clang++") if (found := shutil.which(name))), None)
 
 
-def _command(compiler: str, output: Path) -> list[str]:
+def _flags() -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = cpp_extension.library_paths()
     # -fopenmp links libgomp.so.1, which resolves to the one torch has loaded: one thread pool,
     # sized by torch.set_num_threads
-    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *includes, str(SOURCE), "-o", str(output), *[f"-L{path}" for path in libraries],
-            *[f"-Wl,-rpath,{path}" for path in libraries], "-ltorch_cpu", "-lc10"]
+    return ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *[f"-I{path}" for path in cpp_extension.include_paths()], *[f"-L{path}" for path in libraries],
+            *[f"-Wl,-rpath,{path}" for path in libraries]]
 
 
-def _built_library(cache_dir: Path) -> Path:
-    """The shared library for this source, torch and compiler, built unless it is there already."""
+LIBRARIES = ["-ltorch_cpu", "-lc10"]  # after the source, for linkers that drop what nothing before uses
+
+
+def library_name() -> str:
+    """The file name of the built kernel for this source and torch (its flags included)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + torch.__version__.encode())
+    return f"int8_linear-{key.hexdigest()[:16]}.so"
+
+
+def build_int8_linear(folder: Path) -> Path:
+    """Build the kernel into `folder` (written aside, then renamed into place); returns its path."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++) on the PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_command(compiler, Path("x"))).encode()
-                         + torch.__version__.encode()).hexdigest()[:16]
-    library = cache_dir / f"int8_linear-{key}.so"
-    if library.exists():
-        return library
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+    library = Path(folder) / library_name()
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         aside = Path(scratch) / library.name
-        result = subprocess.run(_command(compiler, aside), capture_output=True, text=True)
+        result = subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(aside), *LIBRARIES],
+                                capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr[-2000:]}")
         os.replace(aside, library)  # whole or not at all, for a process loading it meanwhile
@@ -81,11 +87,14 @@ def _built_library(cache_dir: Path) -> Path:
 
 @functools.cache
 def load_int8_linear(cache_dir: Path = CACHE_DIR) -> bool:
-    """Build (once per machine) and load `torch.ops.xatl.int8_linear`; False, with the reason in the
-    log, where it cannot be built here (then int8 layers use torch's kernel)."""
+    """Load `torch.ops.xatl.int8_linear`: built beside this file (an image's, `build_int8_linear`)
+    or in `cache_dir`, else built there now (once per machine); False, with the reason in the log,
+    where it cannot be built here (then int8 layers use torch's kernel)."""
     if not hasattr(torch.ops.xatl, "int8_linear"):
+        built = [folder / library_name() for folder in (SOURCE.parent, Path(cache_dir))]
         try:
-            torch.ops.load_library(str(_built_library(Path(cache_dir))))
+            library = next((path for path in built if path.exists()), None) or build_int8_linear(Path(cache_dir))
+            torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as error:
             logger.warning("xatl's int8 kernel is not available (%s): int8 layers use torch's "
                            "_weight_int8pack_mm instead", error)
@@ -109,4 +118,4 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
 
-__all__ = ["PATHS", "int8_linear_path", "load_int8_linear"]
+__all__ = ["PATHS", "build_int8_linear", "int8_linear_path", "library_name", "load_int8_linear"]

@@ -5,20 +5,21 @@ the kernels without a Python frame per op) and, with frozen weights, prepacks th
 (the packed copies take as much memory again as the weights). Measured side by side on one core
 (random-width512 GLA, bench/results/generation/compile), compiled / eager tokens/s:
 
-| precision | AMD EPYC, AVX512-BF16 | AMD EPYC, AVX2 only |
+| precision | AMD EPYC, AVX512-BF16 and VNNI | AMD EPYC, AVX2 only |
 |---|---|---|
-| bf16 (frozen) | 1.17-1.18x | 1.38-1.47x |
-| int8 (weights not frozen) | not measured | 1.54-1.72x |
-| fp32 (frozen) | 0.94-0.98x | 1.24x |
+| bf16 (frozen) | 1.16-1.45x (an earlier run: 1.17-1.18x) | 1.38-1.47x |
+| int8, xatl's kernel (weights not frozen) | 1.56-1.72x | not measured |
+| int8, torch's `_weight_int8pack_mm` | fails to lower: stays eager | 1.54-1.72x |
+| fp32 (frozen) | 1.21-1.24x (an earlier run: 0.94-0.98x) | 1.24x |
 
-So "auto" compiles bf16 on a CPU, and int8 where it was measured: with AVX2 (with AVX512 an int8
-step compiled with float32 activations around it once ended the process with "terminate called", in
-an earlier session; not measured since). fp32 stays eager: where the memory is fast it is bound
-by reading 209 MB of weights a step, and compiling it takes the longest (159 s on AVX2). The
-weight-only int8 of `xatl.quantization.Int8Linear` compiles with its weights as plain inputs:
-frozen, inductor fails to lower its kernel (torch 2.13).
+So "auto" compiles bf16 and int8 on a CPU. fp32 stays eager: where the memory is fast it is bound
+by reading 209 MB of weights a step, one run with AVX512 measured it no faster, and compiling it
+takes the longest (128-159 s). The int8 layers (`xatl.quantization.Int8Linear`) compile with their
+weights as plain inputs: frozen, inductor fails to lower torch's int8 kernel (torch 2.13); with
+AVX512 it fails to lower that kernel at all, and the step stays eager, as it does whenever
+compiling fails. xatl's own int8 kernel (`xatl.kernels`) is an op inductor calls as it is.
 
-Compiling costs tens of seconds to minutes (44-86 s on 2 shared cores with AVX512, 134-159 s with
+Compiling costs tens of seconds to minutes (82-128 s on 2 shared cores with AVX512, 134-159 s with
 AVX2 alone). `StepCompiler` pays it at load on a thread of its own: the engine decodes eagerly
 meanwhile and switches to the compiled step once it has run on warm-up sequences (one row, then
 rows of different lengths, so that the shapes the batch takes later reuse the compiled code).
@@ -45,24 +46,21 @@ logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 
-#: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring),
-#: with the CPU capabilities (torch's) where that was measured; None: every one measured
-_PAYS_ON_CPU = {"bf16": None, "int8": ("AVX2",)}
+#: precisions whose compiled step was faster than the eager one on a CPU (see the module's docstring)
+_PAYS_ON_CPU = ("bf16", "int8")
 
 
 def compile_backend(compile, precision: str, device: torch.device):
     """The `torch.compile` backend for the decode step, or None to run it eagerly.
 
-    `compile`: "auto" (inductor where it paid: bf16, and int8 with AVX2, on a CPU that has a C++
-    compiler for inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
+    `compile`: "auto" (inductor where it paid: bf16 and int8, on a CPU that has a C++ compiler for
+    inductor's code; elsewhere eager — no GPU measurement yet), "on"/True (inductor),
     "off"/False/None, or a backend: its name ("eager", ...) or the backend itself (a callable).
     """
     if compile in (None, False, "off"):
         return None
     if compile == "auto":
-        capabilities = _PAYS_ON_CPU.get(precision, ())  # fp32: none
-        pays = torch.device(device).type == "cpu" and (
-            capabilities is None or torch.backends.cpu.get_cpu_capability() in capabilities)
+        pays = torch.device(device).type == "cpu" and precision in _PAYS_ON_CPU
         return "inductor" if pays and _has_cpp_compiler() else None
     if compile in (True, "on"):
         return "inductor"
