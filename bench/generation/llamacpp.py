@@ -305,7 +305,8 @@ def markdown(result: dict) -> str:
         "random-width512 (random-weight 66M Llama; converted: GLA). llama.cpp serves the donor from GGUF "
         "(F16, Q8_0; flash attention, n_threads=1); xatl serves the converted model at fp32/bf16/int8 "
         f"weights (int8: activations quantised in blocks of 32 inside the products by {result['int8_kernel']}; "
-        f"decode steps compiled where `XATL_COMPILE=auto` compiles them here: {', '.join(result['compiled']) or 'none'}) "
+        "decode steps compiled where `XATL_COMPILE=auto` compiles them here: "
+        f"{', '.join(result['compiled']) or 'none'}) "
         "and the donor at fp32. Decode tokens/s after a prompt of `context` tokens "
         "(1 / median step, steps of all six interleaved in blocks).\n",
         f"Versions: llama-cpp-python {result['versions']['llama_cpp_python']}, gguf "
