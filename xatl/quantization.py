@@ -50,7 +50,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from xatl.kernels import load_int8_linear
+from xatl.kernels import load_kernels
 
 QUANT_METHOD = "xatl"
 
@@ -70,7 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # the torch kernel's own scales stay 1: the float32 ones are applied after it, unrounded
         self.register_buffer("_unit_scale", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
-        self.kernel = "xatl" if load_int8_linear() else "torch"  # see `use_int8_kernel`
+        self.kernel = "xatl" if load_kernels() else "torch"  # see `use_int8_kernel`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -135,7 +135,7 @@ def use_int8_kernel(model: nn.Module, kernel: str) -> None:
     bfloat16 activations). The weights are the same either way."""
     if kernel not in INT8_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
-    if kernel == "xatl" and not load_int8_linear():
+    if kernel == "xatl" and not load_kernels():
         raise ValueError("xatl's int8 kernel could not be built on this machine (the log says why)")
     for module in model.modules():
         if isinstance(module, Int8Linear):
@@ -219,9 +219,11 @@ def _children(model: nn.Module, kind: type):
 
 
 def replace_linears(model: nn.Module, make) -> None:
-    """Put `make(name, linear)` in place of each `nn.Linear` (None: keep it)."""
+    """Put `make(name, linear)` in place of each `nn.Linear`, its subclasses included (None: keep it)."""
     names = {module: name for name, module in model.named_modules()}
-    for parent, child_name, linear in _children(model, nn.Linear):
+    linears = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
+    for parent, child_name, linear in linears:
         replacement = make(names[linear], linear)
         if replacement is not None:
             setattr(parent, child_name, replacement)

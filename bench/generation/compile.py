@@ -3,8 +3,8 @@ per token, what it costs at load, whether the first request waits for it, and ho
 from the bandwidth bound of the bytes it reads.
 
 The model is `run.py`'s `random-width512` converted to GLA (a random-weight 66M Llama: width 512, 8
-layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16, int8 on
-xatl's kernel, int8-torch: the same weights on torch's `_weight_int8pack_mm`) one
+layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32; bf16 and int8 on
+xatl's kernels; bf16-torch and int8-torch: the same weights on torch's linear and `_weight_int8pack_mm`) one
 engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
 int8 ones as inputs, as the service's `auto` does where this measured it faster: bf16, int8).
 
@@ -46,14 +46,16 @@ from run import (  # noqa: E402 (bench/generation)
     weight_bytes_read_per_step,
 )
 
-from xatl.kernels import int8_linear_path, load_int8_linear  # noqa: E402
+from xatl.kernels import kernel_path, load_kernels  # noqa: E402
 from xatl.quantization import use_int8_kernel  # noqa: E402
 from xatl.serving import Engine, SamplingParams, apply_precision  # noqa: E402
 from xatl.serving import compiled as compiling  # noqa: E402
+from xatl.serving.precision import Bf16Linear, use_bf16_kernel  # noqa: E402
 
 #: "int8-torch": int8 weights multiplied by torch's `_weight_int8pack_mm` (bfloat16 activations), the
-#: kernel int8 layers used before xatl's own (`torch.ops.xatl.int8_linear`, "int8")
-PRECISIONS = ("fp32", "bf16", "int8", "int8-torch")
+#: kernel int8 layers used before xatl's own (`torch.ops.xatl.int8_linear`, "int8"); "bf16-torch":
+#: bf16 weights multiplied by torch's linear instead of `torch.ops.xatl.bf16_linear` ("bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-torch", "int8", "int8-torch")
 
 
 def engines_for(model, tokenizer, precision: str) -> dict[str, Callable[[], Engine]]:
@@ -66,10 +68,14 @@ def engines_for(model, tokenizer, precision: str) -> dict[str, Callable[[], Engi
 
 
 def at_precision(model, precision: str):
-    """A copy of `model` for an engine of `precision` (int8-torch: int8 layers on torch's kernel)."""
+    """A copy of `model` for an engine of `precision` (-torch: its layers on torch's kernel)."""
     model = copy.deepcopy(model)
     if precision == "int8-torch":
         use_int8_kernel(apply_precision(model, "int8"), "torch")
+    elif precision == "bf16-torch" and use_bf16_kernel(apply_precision(model, "bf16")):
+        for layer in model.modules():
+            if isinstance(layer, Bf16Linear):
+                layer.kernel = "torch"  # the engine leaves Bf16Linear layers as they are
     return model
 
 
@@ -143,7 +149,8 @@ def main() -> None:
         row["times_bound"] = row["step_median_s"] / row["bound_s"]
     result["load_average_at_end"] = os.getloadavg()
     result["environment"] = environment()
-    result["int8_kernel_path"] = int8_linear_path() if load_int8_linear() else None
+    result["int8_kernel_path"] = kernel_path("int8") if load_kernels() else None
+    result["bf16_kernel_path"] = kernel_path("bf16") if load_kernels() else None
     out = args.out or by_cpu_capability("generation/compile")
     print(f"wrote {write_results(out, result, markdown(result))}")
 
@@ -173,14 +180,15 @@ def markdown(result: dict) -> str:
                    f"| {row['bytes_read_per_step'] / 1e6:.1f} | {row['bound_s'] * 1e3:.2f} "
                    f"| {row['times_bound']:.2f}x |")
     steps = {(row["context"], row["precision"], row["compile"]): row["step_median_s"] for row in result["decode"]}
-    kernels = [(context, mode, steps[context, "int8-torch", mode] / step)
-               for (context, precision, mode), step in steps.items()
-               if precision == "int8" and (context, "int8-torch", mode) in steps]
-    if kernels:
-        out += ["", f"int8 layers on xatl's kernel (`torch.ops.xatl.int8_linear`, {result.get('int8_kernel_path')} "
-                "path) against torch's `_weight_int8pack_mm` (int8-torch), tokens/s ratio:", "",
-                "| context | step | int8 / int8-torch |", "|---|---|---|"]
-        out += [f"| {context:,} | {mode} | {ratio:.2f}x |" for context, mode, ratio in kernels]
+    for precision in ("int8", "bf16"):
+        kernels = [(context, mode, steps[context, f"{precision}-torch", mode] / step)
+                   for (context, name, mode), step in steps.items()
+                   if name == precision and (context, f"{precision}-torch", mode) in steps]
+        if kernels:
+            out += ["", f"{precision} layers on xatl's kernel (`torch.ops.xatl.{precision}_linear`, "
+                    f"{result.get(f'{precision}_kernel_path')} path) against torch's ({precision}-torch), "
+                    "tokens/s ratio:", "", f"| context | step | {precision} / {precision}-torch |", "|---|---|---|"]
+            out += [f"| {context:,} | {mode} | {ratio:.2f}x |" for context, mode, ratio in kernels]
     start, end = (tuple(round(x, 2) for x in result[f"load_average_at_{when}"]) for when in ("start", "end"))
     out += ["", f"Copy bandwidth (read + write of {result['settings']['copy_megabytes']} MB, the better of two "
             f"measurements): {result['copy_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s. Load average at start / end: "

@@ -53,7 +53,7 @@ from run import (  # noqa: E402 (bench/generation)
 )
 
 import xatl  # noqa: E402
-from xatl.kernels import int8_linear_path, load_int8_linear  # noqa: E402
+from xatl.kernels import kernel_path, load_kernels  # noqa: E402
 from xatl.serving import Engine  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -236,8 +236,9 @@ def measure(args, result: dict, save) -> None:
     for engine in ours.values():
         warm_up(engine, vocab)
     result["compiled"] = [role for role, engine in ours.items() if engine.stats().decode_step == "compiled"]
-    result["int8_kernel"] = (f"xatl's kernel (`torch.ops.xatl.int8_linear`, {int8_linear_path()} path)"
-                             if load_int8_linear() else "torch's `_weight_int8pack_mm` (bfloat16 activations)")
+    result["kernels"] = ({p: f"xatl's (`torch.ops.xatl.{p}_linear`, {kernel_path(p)} path)" for p in ("int8", "bf16")}
+                         if load_kernels() else {"int8": "torch's `_weight_int8pack_mm` (bfloat16 activations)",
+                                                 "bf16": "torch's linear"})
     result.update(weight_bytes_read_per_step={role: weight_bytes_read_per_step(e.model) for role, e in ours.items()},
                   contexts=[])
     with tempfile.TemporaryDirectory() as folder:
@@ -304,7 +305,8 @@ def markdown(result: dict) -> str:
         "# llama.cpp beside xatl: one stream, one thread (issue 16)\n",
         "random-width512 (random-weight 66M Llama; converted: GLA). llama.cpp serves the donor from GGUF "
         "(F16, Q8_0; flash attention, n_threads=1); xatl serves the converted model at fp32/bf16/int8 "
-        f"weights (int8: activations quantised in blocks of 32 inside the products by {result['int8_kernel']}; "
+        f"weights (int8: activations quantised in blocks of 32 inside the products by {result['kernels']['int8']} "
+        f"kernel; bf16 products by {result['kernels']['bf16']}; "
         "decode steps compiled where `XATL_COMPILE=auto` compiles them here: "
         f"{', '.join(result['compiled']) or 'none'}) "
         "and the donor at fp32. Decode tokens/s after a prompt of `context` tokens "

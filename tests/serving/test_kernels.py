@@ -1,6 +1,7 @@
-"""xatl's int8 kernel (`torch.ops.xatl.int8_linear`): every path this CPU has equals the same
-block-quantised product computed in float64, stays close to the float product, refuses bad input,
-compiles, runs on two threads, and where it cannot be built the int8 layers keep torch's kernel."""
+"""xatl's CPU kernels (`torch.ops.xatl.int8_linear`, `bf16_linear`): every path this CPU has equals
+the product computed in float64 (int8: of the block-quantised activations) and stays close to the
+float product, refuses bad input, compiles, runs on two threads; the layers that run them; and
+where they cannot be built the layers keep torch's kernels."""
 
 import shutil
 import subprocess
@@ -10,15 +11,15 @@ import textwrap
 import pytest
 import torch
 
-from xatl.kernels import CACHE_DIR, PATHS, SOURCE, int8_linear_path, library_name, load_int8_linear
+from xatl.kernels import CACHE_DIR, FOLDER, PATHS, kernel_path, library_name, load_kernels
 from xatl.quantization import Int8Linear, use_int8_kernel
 
-pytestmark = pytest.mark.skipif(not load_int8_linear(), reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.skipif(not load_kernels(), reason="no C++ compiler to build the kernel")
 
 
-def available_paths() -> list[str]:
-    order = list(PATHS)  # from the most portable to the fastest
-    return order[: order.index(int8_linear_path()) + 1]
+def available_paths(precision: str) -> list[str]:
+    best = kernel_path(precision)
+    return ["portable"] + (["avx2"] if best != "portable" else []) + ([best] if best.startswith("avx512") else [])
 
 
 def block_quantised_reference(x, weight, scale, bias):
@@ -49,7 +50,7 @@ def test_every_path_equals_the_block_quantised_product(shape, bias):
     x, weight, scale, b = random_problem(*shape, bias=bias)
     expected = block_quantised_reference(x, weight, scale, b)
     spread = expected.abs().max()
-    for path in available_paths():
+    for path in available_paths("int8"):
         got = torch.ops.xatl.int8_linear(x, weight, scale, b, PATHS[path])
         assert got.shape == expected.shape and got.dtype == torch.float32
         # the same integers per block; the paths differ only in the order of their float additions
@@ -119,6 +120,91 @@ def test_it_compiles_with_dynamic_shapes():
         assert torch.equal(compiled(x), layer(x))
 
 
+# ---- bf16 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 512), (3, 96, 77), (16, 512, 130), (5, 32, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_bf16_path_equals_the_float64_product_rounded_once(shape, bias):
+    rows, in_features, out_features = shape
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    b = torch.randn(out_features, generator=generator).bfloat16() if bias else None
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    for path in available_paths("bf16"):
+        got = torch.ops.xatl.bf16_linear(x, weight, b, PATHS[path])
+        assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+        # float32 sums (in their own order), then one rounding to bfloat16: half a unit in the last place
+        assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all(), path
+    torch.testing.assert_close(torch.ops.xatl.bf16_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+                               atol=1e-2 * exact.abs().max().item(), rtol=1e-2)
+
+
+def test_bf16_bad_input_is_refused_with_the_reason():
+    x, weight = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    for message, args in {
+        "multiple of 32": (torch.randn(2, 48).bfloat16(), torch.randn(8, 48).bfloat16(), None),
+        "bfloat16 \\(N, K\\)": (x.float(), weight, None),
+        "bfloat16 \\(O, K\\)": (x, weight.float(), None),
+        "bias must hold O": (x, weight, torch.zeros(4).bfloat16()),
+    }.items():
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.xatl.bf16_linear(*args)
+    with pytest.raises(RuntimeError, match="no path 3"):  # AVX512-VNNI is int8's
+        torch.ops.xatl.bf16_linear(x, weight, None, 3)
+
+
+def test_a_bf16_engine_runs_its_linear_layers_on_the_kernel_and_saves_as_before(tokenizer, tmp_path):
+    from serving_fixtures import plans, tiny_model
+
+    from xatl.serving import Engine, SamplingParams
+    from xatl.serving.precision import Bf16Linear
+
+    model = tiny_model(plans()["gla"], len(tokenizer))
+    expected_keys = set(model.state_dict())
+    engine = Engine(model, tokenizer, background=False, precision="bf16")
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Bf16Linear for m in linears)
+    if engine.model.config.tie_word_embeddings:  # swapped, not copied: the LM head stays tied
+        assert engine.model.lm_head.weight is engine.model.get_input_embeddings().weight
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    events = list(engine.submit(prompt, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)))
+    assert len(events) == 6 and events[-1].finish_reason == "length"
+    head = engine.model.lm_head
+    with torch.no_grad():  # a decode step's few rows run the kernel, a prefill's many torch's linear
+        for rows, expected in ((1, torch.ops.xatl.bf16_linear), (head.max_rows + 1, torch.nn.functional.linear)):
+            x = torch.randn(rows, head.in_features).bfloat16()
+            assert torch.equal(head(x), expected(x, head.weight, head.bias))
+        ours = engine.model(torch.tensor([prompt])).logits.float()
+        for layer in linears:
+            layer.kernel = "torch"
+        theirs = engine.model(torch.tensor([prompt])).logits.float()
+    # the same products up to the order of their float additions, rounded to bfloat16 between layers
+    torch.testing.assert_close(ours, theirs, atol=0.03 * (theirs.max() - theirs.min()).item(), rtol=0)
+    assert set(engine.model.state_dict()) == expected_keys
+    engine.model.save_pretrained(tmp_path)
+    assert "Bf16Linear" not in (tmp_path / "config.json").read_text()
+
+
+def test_bf16_linear_compiles_and_trains_as_nn_linear():
+    from xatl.serving.precision import Bf16Linear
+
+    layer = Bf16Linear(64, 40, dtype=torch.bfloat16)
+    reference = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+        for rows in (1, 3):
+            assert torch.equal(compiled(x[:rows]), layer(x[:rows]))
+    # with gradients: nn.Linear's forward, bit for bit
+    assert torch.equal(layer(x), reference(x))
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None
+
+
 def run_without_a_compiler(script: str, home) -> subprocess.CompletedProcess:
     """`script` in a process of its own (this one has loaded the op already) with an empty PATH (no
     c++, g++ or clang++) and `home` as its home (whose .cache/xatl/kernels is the kernel's cache)."""
@@ -132,9 +218,9 @@ def test_without_a_compiler_the_int8_layers_keep_torchs_kernel(tmp_path):
         import logging
         logging.basicConfig()
         import torch
-        from xatl.kernels import CACHE_DIR, load_int8_linear
+        from xatl.kernels import CACHE_DIR, load_kernels
         from xatl.quantization import Int8Linear
-        assert load_int8_linear() is False
+        assert load_kernels() is False
         layer = Int8Linear.from_linear(torch.nn.Linear(64, 8))
         assert layer.kernel == "torch", layer.kernel
         layer(torch.randn(2, 64))
@@ -146,15 +232,15 @@ def test_without_a_compiler_the_int8_layers_keep_torchs_kernel(tmp_path):
 
 def test_a_kernel_built_elsewhere_loads_without_a_compiler(tmp_path):
     # as an image without a compiler ships it: built (here: by this machine's first load) and copied
-    built = next(path for path in (SOURCE.parent / library_name(), CACHE_DIR / library_name()) if path.exists())
+    built = next(path for path in (FOLDER / library_name(), CACHE_DIR / library_name()) if path.exists())
     cache = tmp_path / ".cache" / "xatl" / "kernels"
     cache.mkdir(parents=True)
     shutil.copy(built, cache / built.name)
     done = run_without_a_compiler("""
         import torch
-        from xatl.kernels import load_int8_linear
+        from xatl.kernels import load_kernels
         from xatl.quantization import Int8Linear
-        assert load_int8_linear() is True
+        assert load_kernels() is True
         assert Int8Linear.from_linear(torch.nn.Linear(64, 8)).kernel == "xatl"
     """, home=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -1,25 +1,32 @@
-"""xatl's own CPU kernels, built from source on first use with the machine's C++ compiler.
+"""xatl's own CPU kernels for the decode step's matrix products, built from source on first use with
+the machine's C++ compiler.
 
-`int8_linear.cpp` defines `torch.ops.xatl.int8_linear(x, weight, scale, bias, path=0)`: the product
-of float32 activations (N, K) with int8 weights (O, K) and one float32 scale per output row, bias
-added, activations quantised on the fly in blocks of 32 (llama.cpp's Q8_0 scheme) so that each
-product is an integer dot product (AVX512-VNNI, else AVX2, else portable C++; chosen at run time).
-`xatl.quantization.Int8Linear` runs it where it is built, torch's `_weight_int8pack_mm` (bfloat16
-activations) elsewhere. Measured against that kernel on one core of an AMD EPYC with AVX512-VNNI
-(median µs, weights 512 wide; the bandwidth bound is the weight bytes over the copy bandwidth):
+- `torch.ops.xatl.int8_linear(x, weight, scale, bias, path=0)` (int8_linear.cpp): float32
+  activations (N, K) by int8 weights (O, K) with one float32 scale per output row, bias added;
+  the activations quantised on the fly in blocks of 32 (llama.cpp's Q8_0 scheme), so that each
+  product is an integer dot product (AVX512-VNNI, else AVX2, else portable C++). Run by
+  `xatl.quantization.Int8Linear`; without it, torch's `_weight_int8pack_mm` (bfloat16 activations).
+- `torch.ops.xatl.bf16_linear(x, weight, bias, path=0)` (bf16_linear.cpp): bfloat16 activations,
+  weights and output, float32 sums (AVX512-BF16's vdpbf16ps, else AVX2, else portable C++). Run by
+  `xatl.serving.precision.Bf16Linear` in a bf16 model the engine serves; without it, torch's linear.
 
-| weight (out x in) | rows | `_weight_int8pack_mm` | `xatl::int8_linear` | bound |
+Each picks its path at run time (`path` 0: the best this CPU has; the tests ask for each). Measured
+against torch's kernels on one core of an AMD EPYC with AVX512-VNNI and AVX512-BF16 (median µs, a
+busy machine; the bound is the weight bytes over the copy bandwidth of about 24 GB/s):
+
+| weight (out x in) | rows | `_weight_int8pack_mm` | `xatl::int8_linear` | bound (int8) |
 |---|---|---|---|---|
-| 512 x 512 | 1 | 27.9 | 14.2 | 10.9 |
-| 2048 x 512 | 1 | 77.4 | 33.4 | 43.7 |
-| 32000 x 512 (LM head) | 1 | 1658 | 585 | 683 |
-| 32000 x 512 | 16 | 10485 | 6407 | 683 |
+| 512 x 512 | 1 | 27.9 | 12.1 | 10.9 |
+| 2048 x 512 | 1 | 84.3 | 36.6 | 43.7 |
+| 512 x 2048 | 16 | 459.8 | 233.3 | 43.7 |
+| 32000 x 512 (LM head) | 1 | 2066 | 911 | 683 |
+| 32000 x 512 | 16 | 9751 | 6174 | 683 |
 
-Built once per machine and torch version into `~/.cache/xatl/kernels` (about 10 s on two cores),
+Built once per machine and torch version into `~/.cache/xatl/kernels` (about 20 s on two cores),
 written aside and renamed into place, so that processes building at once never load half a file;
-an image without a compiler ships it built beside this file (docker/Dockerfile: `build_int8_linear`).
-Without a compiler, or if the build fails, `load_int8_linear()` says why in the log and returns
-False, and the int8 layers keep torch's kernel.
+an image without a compiler ships them built beside this file (docker/Dockerfile: `build_kernels`).
+Without a compiler, or if the build fails, `load_kernels()` says why in the log and returns False,
+and the layers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_linear.cpp")
+FOLDER = Path(__file__).parent
+SOURCES = [FOLDER / "int8_linear.cpp", FOLDER / "bf16_linear.cpp"]  # and the header they share, tiles.h
 CACHE_DIR = Path.home() / ".cache" / "xatl" / "kernels"
 #: `path` values of the op: 0 asks for the best this CPU has
-PATHS = {"portable": 1, "avx2": 2, "avx512-vnni": 3}
+PATHS = {"portable": 1, "avx2": 2, "avx512-vnni": 3, "avx512-bf16": 4}
 
 
 def _compiler() -> str | None:
@@ -63,13 +71,14 @@ LIBRARIES = ["-ltorch_cpu", "-lc10"]  # after the source, for linkers that drop 
 
 
 def library_name() -> str:
-    """The file name of the built kernel for this source and torch (its flags included)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + torch.__version__.encode())
-    return f"int8_linear-{key.hexdigest()[:16]}.so"
+    """The file name of the built kernels for these sources and torch (their flags included)."""
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in [*SOURCES, FOLDER / "tiles.h"])
+                         + " ".join(_flags()).encode() + torch.__version__.encode())
+    return f"xatl_kernels-{key.hexdigest()[:16]}.so"
 
 
-def build_int8_linear(folder: Path) -> Path:
-    """Build the kernel into `folder` (written aside, then renamed into place); returns its path."""
+def build_kernels(folder: Path) -> Path:
+    """Build the kernels into `folder` (written aside, then renamed into place); returns the path."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++) on the PATH")
@@ -77,7 +86,7 @@ def build_int8_linear(folder: Path) -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         aside = Path(scratch) / library.name
-        result = subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(aside), *LIBRARIES],
+        result = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", str(aside), *LIBRARIES],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr[-2000:]}")
@@ -86,36 +95,41 @@ def build_int8_linear(folder: Path) -> Path:
 
 
 @functools.cache
-def load_int8_linear(cache_dir: Path = CACHE_DIR) -> bool:
-    """Load `torch.ops.xatl.int8_linear`: built beside this file (an image's, `build_int8_linear`)
-    or in `cache_dir`, else built there now (once per machine); False, with the reason in the log,
-    where it cannot be built here (then int8 layers use torch's kernel)."""
+def load_kernels(cache_dir: Path = CACHE_DIR) -> bool:
+    """Load `torch.ops.xatl.int8_linear` and `bf16_linear`: built beside this file (an image's,
+    `build_kernels`) or in `cache_dir`, else built there now (once per machine); False, with the
+    reason in the log, where they cannot be built here (then the layers use torch's kernels)."""
     if not hasattr(torch.ops.xatl, "int8_linear"):
-        built = [folder / library_name() for folder in (SOURCE.parent, Path(cache_dir))]
+        built = [folder / library_name() for folder in (FOLDER, Path(cache_dir))]
         try:
-            library = next((path for path in built if path.exists()), None) or build_int8_linear(Path(cache_dir))
+            library = next((path for path in built if path.exists()), None) or build_kernels(Path(cache_dir))
             torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as error:
-            logger.warning("xatl's int8 kernel is not available (%s): int8 layers use torch's "
-                           "_weight_int8pack_mm instead", error)
+            logger.warning("xatl's CPU kernels are not available (%s): int8 layers use torch's "
+                           "_weight_int8pack_mm instead, bf16 ones torch's linear", error)
             return False
-        _register_fake()
-    logger.info("xatl's int8 kernel loaded (path %s)", int8_linear_path())
+        _register_fakes()
+    logger.info("xatl's CPU kernels loaded (int8: %s path, bf16: %s path)", kernel_path("int8"), kernel_path("bf16"))
     return True
 
 
-def int8_linear_path() -> str:
-    """The path the op takes on this CPU ("avx512-vnni", "avx2" or "portable"); load it first."""
-    best = torch.ops.xatl.int8_linear_best_path()
+def kernel_path(precision: str) -> str:
+    """The path `{precision}_linear` takes on this CPU ("avx512-vnni" or "avx512-bf16", "avx2",
+    "portable"); load the kernels first."""
+    best = {"int8": torch.ops.xatl.int8_linear_best_path, "bf16": torch.ops.xatl.bf16_linear_best_path}[precision]()
     return next(name for name, number in PATHS.items() if number == best)
 
 
-def _register_fake() -> None:
-    """Shapes for torch.compile: (N, K) by (O, K) gives (N, O) float32."""
+def _register_fakes() -> None:
+    """Shapes for torch.compile: (N, K) by (O, K) gives (N, O), float32 for int8, bfloat16 for bf16."""
 
     @torch.library.register_fake("xatl::int8_linear")
     def _(x, weight, scale, bias=None, path=0):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("xatl::bf16_linear")
+    def _(x, weight, bias=None, path=0):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
-__all__ = ["PATHS", "build_int8_linear", "int8_linear_path", "library_name", "load_int8_linear"]
+
+__all__ = ["PATHS", "build_kernels", "kernel_path", "library_name", "load_kernels"]

@@ -19,7 +19,8 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <omp.h>
+
+#include "tiles.h"
 
 #include <cmath>
 #include <cstdint>
@@ -27,18 +28,9 @@
 
 namespace {
 
+using namespace xatl;
+
 constexpr int64_t kBlock = 32;  // activation values sharing one scale
-
-bool has_avx512_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
-bool has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 
 // One block of 32 values: q = round(x * 127 / max|x|) (to nearest, ties to even), a = |q|; returns
 // the block's scale max|x| / 127 and adds sum(q) to *sum. Both versions compute the same numbers.
@@ -153,13 +145,6 @@ struct Portable {
   }
 };
 
-__attribute__((target("avx2,fma"))) inline float sum_lanes_avx2(__m256 v) {
-  // ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
-  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-}
-
 struct Avx2 {
   template <int NT>
   __attribute__((target("avx2,fma"))) static void rows(const int8_t* w, int64_t o0, int64_t o1,
@@ -226,28 +211,6 @@ struct Avx512Vnni {
   }
 };
 
-// All products through one path: threads split the weight rows (each reads its rows once, for
-// every activation row: a weight row stays in L1 while the tiles of activation rows pass).
-template <class Path>
-void multiply(const int8_t* w, const Activations& x, int64_t N, const Output& y) {
-  const int64_t O = y.O;
-  constexpr int64_t kRowsPerTask = 64;
-#pragma omp parallel for schedule(static) if (O * x.K * N >= (int64_t(1) << 20))
-  for (int64_t o0 = 0; o0 < O; o0 += kRowsPerTask) {
-    const int64_t o1 = o0 + kRowsPerTask < O ? o0 + kRowsPerTask : O;
-    int64_t n0 = 0;
-    for (; n0 + 4 <= N; n0 += 4) Path::template rows<4>(w, o0, o1, x, n0, y);
-    switch (N - n0) {
-      case 3: Path::template rows<3>(w, o0, o1, x, n0, y); break;
-      case 2: Path::template rows<2>(w, o0, o1, x, n0, y); break;
-      case 1: Path::template rows<1>(w, o0, o1, x, n0, y); break;
-      default: break;
-    }
-  }
-}
-
-enum Path : int64_t { kBest = 0, kPortable = 1, kAvx2 = 2, kAvx512Vnni = 3 };
-
 int64_t best_path() { return has_avx512_vnni() ? kAvx512Vnni : has_avx2() ? kAvx2 : kPortable; }
 
 int64_t checked_path(int64_t path) {
@@ -296,7 +259,7 @@ int64_t int8_linear_best_path() { return best_path(); }
 
 }  // namespace
 
-TORCH_LIBRARY(xatl, m) {
+TORCH_LIBRARY_FRAGMENT(xatl, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int path=0) -> Tensor");
   m.def("int8_linear_best_path() -> int", &int8_linear_best_path);
 }
