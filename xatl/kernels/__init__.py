@@ -22,6 +22,19 @@ busy machine; the bound is the weight bytes over the copy bandwidth of about 24 
 | 32000 x 512 (LM head) | 1 | 2066 | 911 | 683 |
 | 32000 x 512 | 16 | 9751 | 6174 | 683 |
 
+| weight (out x in) | rows | torch's bf16 linear | `xatl::bf16_linear` | bound (bf16) |
+|---|---|---|---|---|
+| 512 x 512 | 1 | 46.5 | 12.6 | 21.8 |
+| 2048 x 512 | 1 | 119.5 | 37.5 | 87.4 |
+| 2048 x 512 | 8 | 151.5 | 125.5 | 87.4 |
+| 32000 x 512 (LM head) | 1 | 6028 | 1705 | 1365 |
+| 32000 x 512 | 16 | 7128 | 6184 | 1365 |
+| 2048 x 512 | 512 (a prefill) | 5889 | 10042 | 87.4 |
+
+(Weights of 512 x 512 fit in the cache, so the bound does not hold for them in a loop.) So
+`Bf16Linear` runs xatl's kernel for up to 8 rows only; the int8 one is also faster for a prefill
+(512 rows: 1.4-1.9x `_weight_int8pack_mm`).
+
 Built once per machine and torch version into `~/.cache/xatl/kernels` (about 20 s on two cores),
 written aside and renamed into place, so that processes building at once never load half a file;
 an image without a compiler ships them built beside this file (docker/Dockerfile: `build_kernels`).

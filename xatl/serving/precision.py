@@ -2,7 +2,8 @@
 
 - fp32: every weight in float32.
 - bf16: every weight (embeddings, norms and LM head included) in bfloat16; activations run in
-  bfloat16 between the layers.
+  bfloat16 between the layers. The engine runs the linear layers as `Bf16Linear`: xatl's kernel
+  (`xatl.kernels`, float32 sums) for a decode step's few rows, torch's linear for a prefill.
 - int8: the weights of every `nn.Linear` (the mixers' projections, the MLPs and the LM head, which
   gets its own int8 copy when it is tied to the input embedding) quantised per output row to int8,
   symmetric (`xatl.quantization.Int8Linear`); the activations stay float32 between layers and are
