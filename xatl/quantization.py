@@ -18,8 +18,9 @@ product is decided at run time, not by the folder.
 How it multiplies: the weights are int8 with one scale per output row; the activations are
 quantised on the fly to int8 in blocks of 32 values, one float32 scale per block (llama.cpp's Q8_0
 for activations), by xatl's own kernel, `torch.ops.xatl.int8_linear` (`xatl.kernels`: integer dot
-products with AVX512-VNNI or AVX2, built from source on first use; 1.5-2.8x faster per decode step's
-product than the alternative below, bench/results/generation/compile). Where it cannot be built (no
+products with AVX512-VNNI or AVX2, built from source on first use; a decode step 1.4-1.6x faster
+eagerly and 2.2-2.6x compiled than with the alternative below, bench/results/generation/compile/avx512,
+on one core). Where it cannot be built (no
 C++ compiler) or the input width is not a multiple of 32, the layer multiplies bfloat16 activations
 by the int8 weights with `torch._weight_int8pack_mm` (the CPU kernel torchao's int8 weight-only
 scheme uses), then applies the float32 scales; `use_int8_kernel(model, "torch")` asks for that one.

@@ -8,10 +8,12 @@
 // and is bound by that arithmetic once a batch holds more than one row (xatl/kernels/__init__.py
 // has the figures).
 //
-// Both instructions multiply unsigned by signed bytes: the unsigned side is |x_q| and the signed
-// side is w negated where x_q < 0, so |x_q| * (±w) = x_q * w. Every path (AVX512-VNNI, AVX2,
-// portable C++) sums the same integers per block and differs from the others only in the order of
-// its float additions; `path` picks one (0: the best this CPU has), for the tests.
+// Both instructions multiply unsigned by signed bytes. AVX2: the unsigned side is |x_q| and the
+// signed side is w negated where x_q < 0, so |x_q| * (±w) = x_q * w (weights in [-127, 127], as
+// `Int8Linear.from_linear` writes them: -128 has no negation). AVX512-VNNI: see `Avx512Vnni`.
+// Every path (AVX512-VNNI, AVX2, portable C++) computes the same products (AVX512-VNNI by way of an
+// offset it takes off at the end); they differ only in their float additions. `path` picks one (0: the best this CPU has), for the
+// tests.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
