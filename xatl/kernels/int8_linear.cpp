@@ -34,8 +34,9 @@ using namespace xatl;
 
 constexpr int64_t kBlock = 32;  // activation values sharing one scale
 
-// One block of 32 values: q = round(x * 127 / max|x|) (to nearest, ties to even), a = |q|; returns
-// the block's scale max|x| / 127 and adds sum(q) to *sum. Both versions compute the same numbers.
+// One block of 32 values: q = round(x * 127 / max|x|) (to nearest, ties to even), a = |q| (unless
+// a is null); returns the block's scale max|x| / 127 and adds sum(q) to *sum. Both versions compute
+// the same numbers.
 float quantize_block(const float* x, int8_t* q, uint8_t* a, int32_t* sum) {
   float amax = 0.f;
   for (int64_t i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
@@ -43,7 +44,7 @@ float quantize_block(const float* x, int8_t* q, uint8_t* a, int32_t* sum) {
   for (int64_t i = 0; i < kBlock; ++i) {
     const int v = static_cast<int>(std::nearbyint(x[i] * inverse));
     q[i] = static_cast<int8_t>(v);
-    a[i] = static_cast<uint8_t>(v < 0 ? -v : v);
+    if (a) a[i] = static_cast<uint8_t>(v < 0 ? -v : v);
     *sum += v;
   }
   return amax / 127.f;
@@ -72,37 +73,45 @@ __attribute__((target("avx2,fma"))) float quantize_block_avx2(const float* x, in
       _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3])),
       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm256_abs_epi8(bytes));
+  if (a) _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm256_abs_epi8(bytes));
   return amax / 127.f;
 }
 
-// The activations x (N, K) quantised in blocks of 32 values, x ~ q * d, in the forms the paths read.
+// The activations x (N, K) quantised in blocks of 32 values, x ~ q * d, in the forms its path reads.
 struct Activations {
   int64_t K;
   std::vector<int8_t> q;  // (N, K)
-  std::vector<uint8_t> a;  // (N, K): |q| (AVX2's unsigned operand)
   std::vector<float> d;  // (N, K / 32): one scale per block
+  std::vector<uint8_t> a;  // (N, K): |q| (the unsigned operand of AVX2 and the portable path)
   std::vector<float> pair_scales;  // (N, K / 64, 16): two blocks' scales, eight lanes each (AVX512)
   std::vector<float> offset;  // (N,): 128 * sum over blocks of d * sum(q) (AVX512's unsigned weights)
 
-  Activations(const float* x, int64_t N, int64_t K, bool avx2)
-      : K(K), q(N * K), a(N * K), d(N * (K / kBlock)), pair_scales(N * (K / 64) * 16), offset(N) {
+  Activations(const float* x, int64_t N, int64_t K, int64_t path)
+      : K(K), q(N * K), d(N * (K / kBlock)) {
+    const bool avx512 = path == kAvx512Vnni;
+    if (avx512) {
+      pair_scales.resize(N * (K / 64) * 16);
+      offset.resize(N);
+    } else {
+      a.resize(N * K);
+    }
     const int64_t blocks = K / kBlock;
-    const auto quantize = avx2 ? quantize_block_avx2 : quantize_block;
+    const auto quantize = path == kPortable ? quantize_block : quantize_block_avx2;
     for (int64_t n = 0; n < N; ++n) {
       float total = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t at = n * K + b * kBlock;
         int32_t sum = 0;
-        const float scale = quantize(x + at, q.data() + at, a.data() + at, &sum);
+        const float scale = quantize(x + at, q.data() + at, avx512 ? nullptr : a.data() + at, &sum);
         d[n * blocks + b] = scale;
+        if (!avx512) continue;
         total = std::fma(128.f * float(sum), scale, total);
         if (b / 2 < K / 64) {
           float* lanes = pair_scales.data() + (n * (K / 64) + b / 2) * 16 + (b % 2) * 8;
           for (int i = 0; i < 8; ++i) lanes[i] = scale;
         }
       }
-      offset[n] = total;
+      if (avx512) offset[n] = total;
     }
   }
 };
@@ -242,7 +251,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   }
   path = checked_path(path);
 
-  const Activations activations(x.data_ptr<float>(), N, K, path != kPortable);
+  const Activations activations(x.data_ptr<float>(), N, K, path);
 
   at::Tensor y = at::empty({N, O}, x.options());
   const Output output{scale.data_ptr<float>(), bias_data, y.data_ptr<float>(), O};
