@@ -10,30 +10,21 @@ the machine's C++ compiler.
   weights and output, float32 sums (AVX512-BF16's vdpbf16ps, else AVX2, else portable C++). Run by
   `xatl.serving.precision.Bf16Linear` in a bf16 model the engine serves; without it, torch's linear.
 
-Each picks its path at run time (`path` 0: the best this CPU has; the tests ask for each). Measured
-against torch's kernels on one core of an AMD EPYC with AVX512-VNNI and AVX512-BF16 (median µs, a
-busy machine; the bound is the weight bytes over the copy bandwidth of about 24 GB/s):
+Each picks its path at run time (`path` 0: the best this CPU has; the tests ask for each). Against
+torch's kernels on one core of an AMD EPYC with AVX512-VNNI and AVX512-BF16 (bench/kernels/run.py,
+bench/results/kernels; median µs of interleaved calls, random-width512's shapes):
 
-| weight (out x in) | rows | `_weight_int8pack_mm` | `xatl::int8_linear` | bound (int8) |
-|---|---|---|---|---|
-| 512 x 512 | 1 | 27.9 | 12.1 | 10.9 |
-| 2048 x 512 | 1 | 84.3 | 36.6 | 43.7 |
-| 512 x 2048 | 16 | 459.8 | 233.3 | 43.7 |
-| 32000 x 512 (LM head) | 1 | 2066 | 911 | 683 |
-| 32000 x 512 | 16 | 9751 | 6174 | 683 |
+| weight (out x in) | rows | int8: torch's / xatl's | bf16: torch's / xatl's |
+|---|---|---|---|
+| 2048 x 512 | 1 | 67.1 / 26.3 | 100.2 / 33.3 |
+| 2048 x 512 | 8 | 242.2 / 162.8 | 157.2 / 123.0 |
+| 2048 x 512 | 512 (a prefill chunk) | 15229 / 9490 | 5448 / 7690 |
+| 32000 x 512 (LM head) | 1 | 1284 / 738 | 3780 / 1125 |
+| 32000 x 512 | 16 | 8230 / 5117 | 6134 / 5577 |
 
-| weight (out x in) | rows | torch's bf16 linear | `xatl::bf16_linear` | bound (bf16) |
-|---|---|---|---|---|
-| 512 x 512 | 1 | 46.5 | 12.6 | 21.8 |
-| 2048 x 512 | 1 | 119.5 | 37.5 | 87.4 |
-| 2048 x 512 | 8 | 151.5 | 125.5 | 87.4 |
-| 32000 x 512 (LM head) | 1 | 6028 | 1705 | 1365 |
-| 32000 x 512 | 16 | 7128 | 6184 | 1365 |
-| 2048 x 512 | 512 (a prefill) | 5889 | 10042 | 87.4 |
-
-(Weights of 512 x 512 fit in the cache, so the bound does not hold for them in a loop.) So
-`Bf16Linear` runs xatl's kernel for up to 8 rows only; the int8 one is also faster for a prefill
-(512 rows: 1.4-1.9x `_weight_int8pack_mm`).
+(The bound of a weight, its bytes over the copy bandwidth, is 40.5 µs int8 and 81.1 µs bf16 for
+2048 x 512; a loop over the same weight may find it in the cache, as the bf16 LM head did.) So
+`Bf16Linear` runs xatl's kernel for up to 8 rows only; the int8 one is faster at every size.
 
 Built once per machine and torch version into `~/.cache/xatl/kernels` (about 20 s on two cores),
 written aside and renamed into place, so that processes building at once never load half a file;

@@ -68,8 +68,8 @@ class Bf16Linear(nn.Linear):
     other case are nn.Linear's. `kernel = "torch"` asks for torch's linear."""
 
     kernel = "xatl"
-    #: rows up to which xatl's kernel runs: with AVX512-BF16 on one core it took 0.27-0.31x torch's
-    #: time for 1 row, 0.64-0.77x for 8, about as long for 12-16, and 1.5-1.9x for a 512-token prefill
+    #: rows up to which xatl's kernel runs: with AVX512-BF16 on one core it took 0.29-0.33x torch's
+    #: time for one row, 0.59-0.78x for 8, 0.83-1.00x for 16 and 1.30-1.41x for 512 (bench/results/kernels)
     max_rows = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
