@@ -50,7 +50,9 @@ def random_problem(rows, in_features, out_features, bias=True, seed=0):
     return x, weight, scale, (torch.randn(out_features, generator=generator) if bias else None)
 
 
-@pytest.mark.parametrize("shape", [(1, 512, 512), (3, 96, 77), (16, 512, 130), (17, 2048, 33), (5, 32, 1)],
+# rows and outputs that leave every tile size of the paths (4, 2 or 1 weight rows; 1-4 activation
+# rows) a remainder somewhere
+@pytest.mark.parametrize("shape", [(1, 512, 512), (2, 64, 10), (3, 96, 77), (16, 512, 130), (17, 2048, 33), (5, 32, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_every_path_equals_the_block_quantised_product(shape, bias):
@@ -130,7 +132,7 @@ def test_it_compiles_with_dynamic_shapes():
 # ---- bf16 ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1, 512, 512), (3, 96, 77), (16, 512, 130), (5, 32, 1)],
+@pytest.mark.parametrize("shape", [(1, 512, 512), (1, 64, 7), (2, 64, 10), (3, 96, 77), (16, 512, 130), (5, 32, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_every_bf16_path_equals_the_float64_product_rounded_once(shape, bias):

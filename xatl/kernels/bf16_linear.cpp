@@ -72,27 +72,43 @@ struct Portable {
 };
 
 struct Avx2 {
+  // R weight rows at a time (as many as 8 accumulators allow): the activations' loads are shared by
+  // R rows, and more independent multiply-add chains are in flight
+  static constexpr int kWeightRows(int NT) { return NT == 1 ? 4 : NT == 2 ? 2 : 1; }
+
   template <int NT>
   __attribute__((target("avx2,fma"))) static void rows(const uint16_t* w, int64_t o0, int64_t o1, const Inputs& x,
                                                        int64_t n0, const Output& y) {
-    for (int64_t o = o0; o < o1; ++o) {
-      // two accumulators per row: a chain of dependent multiply-adds would wait on each one's latency
-      __m256 acc[NT][2];
-      for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < x.K; k += 16) {
-        __m256 wide[2];
+    constexpr int R = kWeightRows(NT);
+    int64_t o = o0;
+    for (; o + R <= o1; o += R) tile<R, NT>(w, o, x, n0, y);
+    for (; o < o1; ++o) tile<1, NT>(w, o, x, n0, y);
+  }
+
+  // weight rows o .. o + R - 1 by activation rows n0 .. n0 + NT - 1
+  template <int R, int NT>
+  __attribute__((target("avx2,fma"), always_inline)) static inline void tile(
+      const uint16_t* w, int64_t o, const Inputs& x, int64_t n0, const Output& y) {
+    const int64_t K = x.K;
+    const float* xs = x.wide.data() + n0 * K;
+    const uint16_t* wo = w + o * K;
+    // two accumulators per pair: a chain of dependent multiply-adds would wait on each one's latency
+    __m256 acc[R][NT][2];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      prefetch_next_tile<R * 32>(reinterpret_cast<const char*>(wo + R * K), k / 16);
+      for (int r = 0; r < R; ++r) {
         for (int h = 0; h < 2; ++h) {  // 8 bf16 -> 8 float32: the bits shifted into the top half
-          const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * x.K + k + 8 * h));
-          wide[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-        }
-        for (int t = 0; t < NT; ++t) {
-          const float* xn = x.wide.data() + (n0 + t) * x.K + k;
-          acc[t][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xn), wide[0], acc[t][0]);
-          acc[t][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xn + 8), wide[1], acc[t][1]);
+          const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + r * K + k + 8 * h));
+          const __m256 wide = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+          for (int t = 0; t < NT; ++t)
+            acc[r][t][h] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + t * K + k + 8 * h), wide, acc[r][t][h]);
         }
       }
-      for (int t = 0; t < NT; ++t) y.store(n0 + t, o, sum_lanes_avx2(_mm256_add_ps(acc[t][0], acc[t][1])));
     }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) y.store(n0 + t, o + r, sum_lanes_avx2(_mm256_add_ps(acc[r][t][0], acc[r][t][1])));
   }
 };
 

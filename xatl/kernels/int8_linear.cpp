@@ -157,28 +157,49 @@ struct Portable {
 };
 
 struct Avx2 {
+  // R weight rows at a time: the activations' loads are shared by R rows and the R x NT multiply-add
+  // chains are independent (one row's chain alone waited on each add's latency); 8 accumulators at
+  // most, so that they stay in the 16 registers
+  static constexpr int kWeightRows(int NT) { return NT <= 2 ? 4 : 2; }
+
   template <int NT>
   __attribute__((target("avx2,fma"))) static void rows(const int8_t* w, int64_t o0, int64_t o1,
                                                        const Activations& x, int64_t n0, const Output& y) {
-    const int64_t blocks = x.K / kBlock;
+    constexpr int R = kWeightRows(NT);
+    int64_t o = o0;
+    for (; o + R <= o1; o += R) tile<R, NT>(w, o, x, n0, y);
+    for (; o < o1; ++o) tile<1, NT>(w, o, x, n0, y);
+  }
+
+  // weight rows o .. o + R - 1 by activation rows n0 .. n0 + NT - 1
+  template <int R, int NT>
+  __attribute__((target("avx2,fma"), always_inline)) static inline void tile(
+      const int8_t* w, int64_t o, const Activations& x, int64_t n0, const Output& y) {
+    const int64_t K = x.K, blocks = K / kBlock;
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t o = o0; o < o1; ++o) {
-      __m256 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * x.K + b * kBlock));
-        for (int t = 0; t < NT; ++t) {
-          const int64_t at = (n0 + t) * x.K + b * kBlock;
-          const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + at));
-          const __m256i ab = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.a.data() + at));
+    const int8_t* q = x.q.data() + n0 * K;
+    const uint8_t* a = x.a.data() + n0 * K;
+    const float* d = x.d.data() + n0 * blocks;
+    const int8_t* wo = w + o * K;
+    __m256 acc[R][NT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      prefetch_next_tile<R * kBlock>(wo + R * K, b);
+      for (int t = 0; t < NT; ++t) {
+        const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * K + b * kBlock));
+        const __m256i ab = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * K + b * kBlock));
+        const __m256 scale = _mm256_broadcast_ss(d + t * blocks + b);
+        for (int r = 0; r < R; ++r) {
+          const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo + r * K + b * kBlock));
           const __m256i pairs = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(wb, qb));  // |q| * ±w: 16 x int16
           const __m256i sums = _mm256_madd_epi16(pairs, ones);  // 8 x int32
-          const __m256 scale = _mm256_set1_ps(x.d[(n0 + t) * blocks + b]);
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][t]);
         }
       }
-      for (int t = 0; t < NT; ++t) y.store(n0 + t, o, sum_lanes_avx2(acc[t]));
     }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) y.store(n0 + t, o + r, sum_lanes_avx2(acc[r][t]));
   }
 };
 

@@ -33,6 +33,16 @@ __attribute__((target("avx2,fma"))) inline float sum_lanes_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
 }
 
+// A tile of R weight rows reads R streams a row apart, each too short (a row: 512 bytes to a few KB)
+// for the hardware prefetcher, which had followed one row after another as one stream: the tile
+// after this one (the next R rows, contiguous) is fetched ahead, `kBytes` of it per step of the
+// tile's loop, at the same point of its progress.
+template <int kBytes>
+inline void prefetch_next_tile(const void* next_tile, int64_t step) {
+  const char* at = static_cast<const char*>(next_tile) + step * kBytes;
+  for (int line = 0; line < kBytes; line += 64) _mm_prefetch(at + line, _MM_HINT_T0);
+}
+
 // All products through one path: `Path::rows<NT>(w, o0, o1, x, n0, y)` multiplies weight rows
 // o0 .. o1 - 1 by activation rows n0 .. n0 + NT - 1 (NT a template argument, so that a tile's
 // accumulators stay in registers). Threads split the weight rows: each reads its rows once, for
