@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from xatl.config import XatlConfig
 from xatl.mixers import Mixer, MixerState, get_mixer_class
+from xatl.mixers.rotary import RotaryTables, rotary_tables
 
 
 class RMSNorm(nn.Module):
@@ -64,10 +65,11 @@ class XatlDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = XatlMLP(config)
 
-    def forward(self, hidden_states, position_ids=None, attention_mask=None, state=None, use_cache=False):
+    def forward(self, hidden_states, position_ids=None, attention_mask=None, state=None, use_cache=False,
+                position_embeddings=None):
         mixed, state = self.mixer(
-            self.input_layernorm(hidden_states),
-            position_ids=position_ids, attention_mask=attention_mask, state=state, use_cache=use_cache,
+            self.input_layernorm(hidden_states), position_ids=position_ids, position_embeddings=position_embeddings,
+            attention_mask=attention_mask, state=state, use_cache=use_cache,
         )
         if self.parallel_residual:
             hidden_states = hidden_states + mixed + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -169,12 +171,13 @@ class XatlModel(XatlPreTrainedModel):
             position_ids = self._position_ids(attention_mask, past, batch, length, hidden_states.device)
         hidden_states = self.add_positions(hidden_states, position_ids)
 
+        position_embeddings = self.rotary_tables(position_ids)
         all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
             hidden_states, state = layer(
-                hidden_states, position_ids=position_ids, attention_mask=attention_mask,
-                state=state, use_cache=use_cache,
+                hidden_states, position_ids=position_ids, position_embeddings=position_embeddings,
+                attention_mask=attention_mask, state=state, use_cache=use_cache,
             )
             if use_cache:
                 cache.states[i] = state
@@ -187,6 +190,11 @@ class XatlModel(XatlPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+    def rotary_tables(self, position_ids: torch.Tensor) -> RotaryTables:
+        """cos and sin of `position_ids` (B, T) for each rotary the layers' mixers use, computed once
+        for all of them."""
+        return rotary_tables(position_ids, sorted({layer.mixer.rotary for layer in self.layers} - {None}))
 
     def add_positions(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Learned position embeddings added to the token embeddings; rotary is applied in the mixers."""
@@ -276,6 +284,7 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         states: list[MixerState | None],
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        position_embeddings: RotaryTables | None = None,
     ) -> tuple[torch.Tensor, list[MixerState | None]]:
         """Advance every row by its tokens: the one step the serving engine runs, for a prompt's
         prefill (states all None, or a chunk after earlier ones) and for decoding (T = 1).
@@ -286,15 +295,20 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
             position_ids: (B, T) absolute positions of these tokens.
             attention_mask: (B, S) real token slots of the growing states (left padding is 0),
                 these T included; None when no row is padded. Fixed-size states take no mask.
+            position_embeddings: `self.model.rotary_tables(position_ids)`, computed here when not
+                given (the engine computes them before a compiled step: see `rotary_tables`).
         Returns:
             the next-token logits of each row's last position (B, V) and each layer's new state.
         """
+        if position_embeddings is None:
+            position_embeddings = self.model.rotary_tables(position_ids)
         hidden_states = self.model.add_positions(self.model.embed_tokens(input_ids), position_ids)  # (B, T, hidden)
         new_states = []
         for layer, state in zip(self.model.layers, states):
             hidden_states, state = layer(
                 hidden_states,
                 position_ids=position_ids,
+                position_embeddings=position_embeddings,
                 attention_mask=attention_mask if layer.mixer.state_grows else None,
                 state=state,
                 use_cache=True,

@@ -41,7 +41,12 @@ class Attention(Mixer):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
 
-    def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
+    @property
+    def rotary(self):
+        return (self.rotary_dim, self.rope_theta) if self.use_rotary else None
+
+    def forward(self, hidden_states, *, position_ids=None, position_embeddings=None, attention_mask=None, state=None,
+                use_cache=False):
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -51,7 +56,7 @@ class Attention(Mixer):
         if self.use_rotary:
             if position_ids is None:
                 position_ids = torch.arange(past, past + length, device=hidden_states.device)[None]
-            cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
+            cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype, position_embeddings)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if state is not None:
             k = torch.cat([state["key"], k], dim=2)  # (B, Hkv, past + T, hd)

@@ -22,6 +22,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from xatl.config import XatlConfig
+    from xatl.mixers.rotary import RotaryTables
 
 MixerState = dict[str, torch.Tensor]
 
@@ -51,11 +52,17 @@ class Mixer(nn.Module):
     #: padding masked) or keeps one size (every linear-cost mixer)
     state_grows: ClassVar[bool] = False
 
+    @property
+    def rotary(self) -> tuple[int, float] | None:
+        """(rotary_dim, rope_theta) of the rotary embedding on q and k, or None for a mixer without."""
+        return None
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
+        position_embeddings: RotaryTables | None = None,
         attention_mask: torch.Tensor | None = None,
         state: MixerState | None = None,
         use_cache: bool = False,
@@ -64,6 +71,9 @@ class Mixer(nn.Module):
         Args:
             hidden_states: (B, T, hidden_size), already normalised.
             position_ids: (B, T) absolute positions of these tokens (for rotary mixers).
+            position_embeddings: the rotary tables of these positions, computed once for every
+                layer (`xatl.mixers.rotary.rotary_tables`); a rotary mixer computes its own when
+                they lack its `rotary`.
             attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over every
                 token seen so far, these T included (S = tokens in `state` + T); None = no padding.
             state: this layer's state after the earlier tokens; None starts a fresh sequence.

@@ -85,7 +85,8 @@ class MambaMixer(Mixer):
         if self.A_log.device.type != "meta":
             self.reset_parameters()
 
-    def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
+    def forward(self, hidden_states, *, position_ids=None, position_embeddings=None, attention_mask=None, state=None,
+                use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.
         batch, length, _ = hidden_states.shape
         dtype = hidden_states.dtype

@@ -132,7 +132,8 @@ class Mamba2Mixer(Mixer):
         if self.A_log.device.type != "meta":
             self.reset_parameters()
 
-    def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
+    def forward(self, hidden_states, *, position_ids=None, position_embeddings=None, attention_mask=None, state=None,
+                use_cache=False):
         # position_ids are not used: the convolution and the decays carry order.
         batch, length, _ = hidden_states.shape
         decoding = length == 1 and state is not None

@@ -116,7 +116,12 @@ class RetentionMixer(Mixer):
         log_gamma = retention_log_decay(self.num_heads, self.decay_range, hidden_states.device)
         return log_gamma.to(acc).expand(batch, length, -1)
 
-    def forward(self, hidden_states, *, position_ids=None, attention_mask=None, state=None, use_cache=False):
+    @property
+    def rotary(self):
+        return (self.rotary_dim, self.rope_theta) if self.use_rope else None
+
+    def forward(self, hidden_states, *, position_ids=None, position_embeddings=None, attention_mask=None, state=None,
+                use_cache=False):
         batch, length, _ = hidden_states.shape
 
         # 1. projections, split into heads
@@ -126,7 +131,7 @@ class RetentionMixer(Mixer):
 
         # 2. rotary on q and k at the tokens' absolute positions
         if self.use_rope:
-            q, k = self._rotate(q, k, position_ids, state)
+            q, k = self._rotate(q, k, position_ids, position_embeddings, state)
 
         # 3. log decay of each step: (B, T, H) per head, or (B, T, H, K) per key dimension
         g = self.log_decay(hidden_states)
@@ -146,12 +151,12 @@ class RetentionMixer(Mixer):
         o = self.o_norm(o, gate).reshape(batch, length, self.num_heads * self.value_head_dim)
         return self.o_proj(o), ({"recurrent_state": recurrent_state} if use_cache else None)
 
-    def _rotate(self, q, k, position_ids, state):
+    def _rotate(self, q, k, position_ids, position_embeddings, state):
         if position_ids is None:
             if state is not None:
                 raise ValueError(f"{self.name}: position_ids are needed to continue from a state")
             position_ids = torch.arange(q.shape[1], device=q.device)[None]
-        cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype, position_embeddings)
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, rotary_dim): broadcast over heads
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

@@ -9,10 +9,31 @@ from __future__ import annotations
 import torch
 
 
+#: cos and sin tables (each (B, 1, T, rotary_dim), float32) of one forward's positions by
+#: (rotary_dim, rope_theta): computed once for all layers (`rotary_tables`) and handed to each mixer
+#: as `position_embeddings`, as transformers' models hand theirs
+RotaryTables = dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rotary_tables(position_ids: torch.Tensor, keys) -> RotaryTables:
+    """The tables of `position_ids` (B, T) for each (rotary_dim, rope_theta) in `keys`.
+
+    Computed once per forward rather than in each layer; the decode step computes them before its
+    compiled graph, whose inputs they become: inside it, inductor recomputed a layer's cos and sin
+    (a power, a cosine and a sine) for every element of the state update that reads them (measured
+    ~3 ms of a 13 ms int8 step of random-width512 on an AVX2 machine)."""
+    return {key: rotary_cos_sin(position_ids, *key, torch.float32) for key in keys}
+
+
 def rotary_cos_sin(
-    position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype,
+    tables: RotaryTables | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `position_ids` (B, T): each (B, 1, T, rotary_dim), broadcast over heads."""
+    """cos and sin for `position_ids` (B, T): each (B, 1, T, rotary_dim), broadcast over heads;
+    taken from `tables` where they hold them."""
+    if tables is not None and (rotary_dim, theta) in tables:
+        cos, sin = tables[rotary_dim, theta]
+        return cos.to(dtype), sin.to(dtype)
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim)
     )

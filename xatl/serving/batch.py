@@ -97,7 +97,10 @@ class DecodeBatch:
             self.mask = F.pad(self.mask, (0, 1), value=True)  # the new token's column: real for all
             mask = None if bool(self.mask.all()) else self.mask.to(self.device)
         position_ids = self.positions[:, None].to(self.device)  # (B, 1)
-        logits, self.states = self._step_forward(token_ids[:, None].to(self.device), self.states, position_ids, mask)
+        # the rotary tables outside the step: inputs of a compiled step, not recomputed inside it
+        tables = self.model.model.rotary_tables(position_ids)
+        logits, self.states = self._step_forward(
+            token_ids[:, None].to(self.device), self.states, position_ids, mask, tables)
         self.positions += 1
         return logits
 
