@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from common import environment, write_results  # noqa: E402
+from common import by_cpu_capability, environment, write_results  # noqa: E402
 from run import copy_bandwidth  # noqa: E402 (bench/generation)
 
 from xatl.kernels import kernel_path, load_kernels  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
             print(rows_out[-1], flush=True)
     result = {"copy_bandwidth_bytes_per_s": bandwidth, "paths": {p: kernel_path(p) for p in ("int8", "bf16")},
               "rows": rows_out, "settings": vars(args), "environment": environment()}
-    print(f"wrote {write_results('kernels', result, markdown(result))}")
+    print(f"wrote {write_results(by_cpu_capability('kernels'), result, markdown(result))}")
 
 
 def markdown(result: dict) -> str:
