@@ -84,6 +84,24 @@ def test_every_model_of_a_process_decodes_with_its_compiled_step(tokenizer):
         assert sum(calls.values()) - before >= 5  # the steps after the first token, all compiled
 
 
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")
+def test_two_models_of_one_shape_compiled_in_one_process_each_decode_with_their_own_weights(tokenizer):
+    # inductor freezes float weights into the compiled code: a step compiled for one model and taken
+    # for another of the same shape would decode with the first one's weights
+    models = [tiny_model(PLANS["gla"], len(tokenizer), seed=seed) for seed in (0, 1)]
+    compiled = [Engine(model, tokenizer, background=False, compile="on") for model in models]
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    with torch.inference_mode():
+        for model, engine in zip(models, compiled):
+            assert engine.wait_until_compiled(timeout=900), engine._compiler.error
+            eager = Engine(model, tokenizer, background=False)
+            for batch in (engine._batch, eager._batch):
+                _, states = batch.prefill(torch.tensor([prompt]))
+                batch.add(states, len(prompt))
+            tokens = torch.tensor([5])
+            torch.testing.assert_close(engine._batch.step(tokens), eager._batch.step(tokens), atol=1e-4, rtol=1e-4)
+
+
 def test_an_engine_whose_compilation_fails_stays_eager_and_serves(tokenizer, caplog):
     model = tiny_model(PLANS["gla"], len(tokenizer))
     engine = Engine(model, tokenizer, background=False, compile="no-such-backend")
