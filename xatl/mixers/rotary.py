@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-
 #: cos and sin tables (each (B, 1, T, rotary_dim), float32) of one forward's positions by
 #: (rotary_dim, rope_theta): computed once for all layers (`rotary_tables`) and handed to each mixer
 #: as `position_embeddings`, as transformers' models hand theirs

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xatl.kernels import load_kernels
+from xatl.kernels import kernel_path, load_kernels
 from xatl.quantization import Int8Linear, dequantize_int8, mark_int8, replace_linears
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -68,15 +68,18 @@ class Bf16Linear(nn.Linear):
     other case are nn.Linear's. `kernel = "torch"` asks for torch's linear."""
 
     kernel = "xatl"
-    #: rows up to which xatl's kernel runs: with AVX512-BF16 on one core it took 0.29-0.33x torch's
-    #: time for one row, 0.59-0.78x for 8, 0.83-1.00x for 16 and 1.30-1.41x for 512 (bench/results/kernels)
-    max_rows = 8
+    #: rows up to which xatl's kernel runs (None: any number; `use_bf16_kernel` sets it by the CPU):
+    #: with AVX512-BF16 on one core it took 0.29-0.33x torch's time for one row, 0.59-0.78x for 8,
+    #: 0.83-1.00x for 16 and 1.30-1.41x for 512 (bench/results/kernels/avx512); with AVX2 alone,
+    #: where torch's bf16 linear has no bf16 instructions, 0.19-0.63x at every count, 512 included
+    #: (bench/results/kernels/avx2)
+    max_rows: int | None = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs = (self.kernel == "xatl" and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
                 and self.in_features % 32 == 0 and not torch.is_grad_enabled()
                 and (self.bias is None or self.bias.dtype == torch.bfloat16))
-        if runs and x.numel() <= self.max_rows * self.in_features:
+        if runs and (self.max_rows is None or x.numel() <= self.max_rows * self.in_features):
             flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
             out = torch.ops.xatl.bf16_linear(flat, self.weight.contiguous(), self.bias)
             return out.view(*x.shape[:-1], self.out_features)
@@ -88,11 +91,14 @@ def use_bf16_kernel(model: nn.Module) -> bool:
     copied), where xatl's kernels are built; False where they are not (the model is left as it was)."""
     if not load_kernels():
         return False
+    # torch's linear overtakes the kernel past a few rows only where it has AVX512-BF16 (max_rows)
+    max_rows = Bf16Linear.max_rows if kernel_path("bf16") == "avx512-bf16" else None
 
     def swap(name: str, linear: nn.Linear) -> Bf16Linear | None:
         if isinstance(linear, Bf16Linear):
             return None
         layer = Bf16Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.max_rows = max_rows
         layer.weight, layer.bias = linear.weight, linear.bias  # shared (a tied LM head stays tied)
         return layer
 
