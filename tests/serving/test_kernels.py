@@ -1,8 +1,9 @@
-"""xatl's CPU kernels (`torch.ops.xatl.int8_linear`, `bf16_linear`): every path this CPU has equals
+"""xatl's CPU kernels (`torch.ops.xatl.int8_linear`, `bf16_linear`, `f32_linear`): every path this CPU has equals
 the product computed in float64 (int8: of the block-quantised activations) and stays close to the
 float product, refuses bad input, compiles, runs on two threads; the layers that run them; and
 where they cannot be built the layers keep torch's kernels."""
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to bui
 
 def test_the_kernels_build_and_load_where_there_is_a_compiler():
     assert load_kernels()
-    assert kernel_path("int8") in PATHS and kernel_path("bf16") in PATHS
+    assert all(kernel_path(precision) in PATHS for precision in ("int8", "bf16", "fp32"))
 
 
 def available_paths(precision: str) -> list[str]:
@@ -215,6 +216,66 @@ def test_bf16_linear_compiles_and_trains_as_nn_linear():
     assert torch.equal(layer(x), reference(x))
     layer(x).float().sum().backward()
     assert layer.weight.grad is not None
+
+
+# ---- fp32 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 512), (2, 64, 10), (3, 96, 77), (16, 512, 130), (5, 32, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_fp32_path_equals_the_float64_product(shape, bias):
+    rows, in_features, out_features = shape
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    # float32 products and sums: their rounding, K of them, against the sum of magnitudes
+    tolerance = in_features * 2**-23 * (x.double().abs() @ weight.double().abs().T + (0 if b is None else b.abs()))
+    for path in available_paths("fp32"):
+        got = torch.ops.xatl.f32_linear(x, weight, b, PATHS[path])
+        assert got.dtype == torch.float32 and got.shape == exact.shape
+        assert ((got.double() - exact).abs() <= tolerance).all(), path
+
+
+def test_fp32_bad_input_is_refused_with_the_reason():
+    x, weight = torch.randn(2, 64), torch.randn(8, 64)
+    for message, args in {
+        "multiple of 32": (torch.randn(2, 48), torch.randn(8, 48), None),
+        "float32 \\(N, K\\)": (x.double(), weight, None),
+        "float32 \\(O, K\\)": (x, weight.bfloat16(), None),
+        "bias must hold O": (x, weight, torch.zeros(4)),
+    }.items():
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.xatl.f32_linear(*args)
+    with pytest.raises(RuntimeError, match="no path 4"):  # AVX512-BF16 is bf16's
+        torch.ops.xatl.f32_linear(x, weight, None, 4)
+
+
+def test_an_fp32_engine_decodes_on_the_kernel_and_prefills_on_torchs_linear(tokenizer):
+    from serving_fixtures import plans, tiny_model
+
+    from xatl.serving import Engine, SamplingParams
+    from xatl.serving.precision import Fp32Linear
+
+    model = tiny_model(plans()["gla"], len(tokenizer))
+    reference = Engine(copy.deepcopy(model), tokenizer, background=False, compile="off")
+    for layer in reference.model.modules():
+        if isinstance(layer, Fp32Linear):
+            layer.kernel = "torch"
+    engine = Engine(model, tokenizer, background=False, compile="off")
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Fp32Linear for m in linears)
+    head = engine.model.lm_head
+    with torch.no_grad():
+        for rows, expected in ((1, torch.ops.xatl.f32_linear), (head.max_rows + 1, torch.nn.functional.linear)):
+            x = torch.randn(rows, head.in_features)
+            assert torch.equal(head(x), expected(x, head.weight, head.bias))
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    tokens = [[event.token_id for event in e.submit(prompt, greedy)] for e in (engine, reference)]
+    assert tokens[0] == tokens[1]
 
 
 def run_without_a_compiler(script: str, home) -> subprocess.CompletedProcess:

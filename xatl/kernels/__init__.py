@@ -9,6 +9,9 @@ the machine's C++ compiler.
 - `torch.ops.xatl.bf16_linear(x, weight, bias, path=0)` (bf16_linear.cpp): bfloat16 activations,
   weights and output, float32 sums (AVX512-BF16's vdpbf16ps, else AVX2, else portable C++). Run by
   `xatl.serving.precision.Bf16Linear` in a bf16 model the engine serves; without it, torch's linear.
+- `torch.ops.xatl.f32_linear(x, weight, bias, path=0)` (f32_linear.cpp): float32 throughout
+  (AVX512F, else AVX2, else portable C++). Run by `xatl.serving.precision.Fp32Linear` in an fp32
+  model the engine serves, for a decode step's few rows; without it, torch's linear.
 
 Each picks its path at run time (`path` 0: the best this CPU has; the tests ask for each). Against
 torch's kernels on one core (bench/kernels/run.py, bench/results/kernels/<cpu>; median µs of
@@ -56,10 +59,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = [FOLDER / "int8_linear.cpp", FOLDER / "bf16_linear.cpp"]  # and the header they share, tiles.h
+# and the header they share, tiles.h
+SOURCES = [FOLDER / "int8_linear.cpp", FOLDER / "bf16_linear.cpp", FOLDER / "f32_linear.cpp"]
 CACHE_DIR = Path.home() / ".cache" / "xatl" / "kernels"
 #: `path` values of the op: 0 asks for the best this CPU has
-PATHS = {"portable": 1, "avx2": 2, "avx512-vnni": 3, "avx512-bf16": 4}
+PATHS = {"portable": 1, "avx2": 2, "avx512-vnni": 3, "avx512-bf16": 4, "avx512": 5}
 
 
 def _compiler() -> str | None:
@@ -107,7 +111,7 @@ def build_kernels(folder: Path) -> Path:
 
 @functools.cache
 def load_kernels(cache_dir: Path = CACHE_DIR) -> bool:
-    """Load `torch.ops.xatl.int8_linear` and `bf16_linear`: built beside this file (an image's,
+    """Load `torch.ops.xatl.int8_linear`, `bf16_linear` and `f32_linear`: built beside this file (an image's,
     `build_kernels`) or in `cache_dir`, else built there now (once per machine); False, with the
     reason in the log, where they cannot be built here (then the layers use torch's kernels)."""
     if not hasattr(torch.ops.xatl, "int8_linear"):
@@ -117,28 +121,34 @@ def load_kernels(cache_dir: Path = CACHE_DIR) -> bool:
             torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as error:
             logger.warning("xatl's CPU kernels are not available (%s): int8 layers use torch's "
-                           "_weight_int8pack_mm instead, bf16 ones torch's linear", error)
+                           "_weight_int8pack_mm instead, bf16 and fp32 ones torch's linear", error)
             return False
         _register_fakes()
-    logger.info("xatl's CPU kernels loaded (int8: %s path, bf16: %s path)", kernel_path("int8"), kernel_path("bf16"))
+    logger.info("xatl's CPU kernels loaded (int8: %s path, bf16: %s path, fp32: %s path)",
+                kernel_path("int8"), kernel_path("bf16"), kernel_path("fp32"))
     return True
 
 
 def kernel_path(precision: str) -> str:
-    """The path `{precision}_linear` takes on this CPU ("avx512-vnni" or "avx512-bf16", "avx2",
-    "portable"); load the kernels first."""
-    best = {"int8": torch.ops.xatl.int8_linear_best_path, "bf16": torch.ops.xatl.bf16_linear_best_path}[precision]()
+    """The path the kernel of `precision` (int8, bf16, fp32) takes on this CPU ("avx512-vnni",
+    "avx512-bf16" or "avx512", "avx2", "portable"); load the kernels first."""
+    best = {"int8": torch.ops.xatl.int8_linear_best_path, "bf16": torch.ops.xatl.bf16_linear_best_path,
+            "fp32": torch.ops.xatl.f32_linear_best_path}[precision]()
     return next(name for name, number in PATHS.items() if number == best)
 
 
 def _register_fakes() -> None:
-    """Shapes for torch.compile: (N, K) by (O, K) gives (N, O), float32 for int8, bfloat16 for bf16."""
+    """Shapes for torch.compile: (N, K) by (O, K) gives (N, O), of x's dtype."""
 
     @torch.library.register_fake("xatl::int8_linear")
     def _(x, weight, scale, bias=None, path=0):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("xatl::bf16_linear")
+    def _(x, weight, bias=None, path=0):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("xatl::f32_linear")
     def _(x, weight, bias=None, path=0):
         return x.new_empty(x.shape[0], weight.shape[0])
 

@@ -9,7 +9,7 @@
 namespace xatl {
 
 // The path a kernel takes, chosen at run time (`path` argument 0: the best this CPU has).
-enum Path : int64_t { kBest = 0, kPortable = 1, kAvx2 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4 };
+enum Path : int64_t { kBest = 0, kPortable = 1, kAvx2 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAvx512 = 5 };
 
 inline bool has_avx2() {
   __builtin_cpu_init();
@@ -20,6 +20,11 @@ inline bool has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+inline bool has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
 }
 
 inline bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }

@@ -33,7 +33,14 @@ from xatl.model import XatlForCausalLM
 from xatl.serving.batch import DecodeBatch
 from xatl.serving.compiled import StepCompiler, compile_backend
 from xatl.serving.figures import RequestFigures, peak_memory_bytes
-from xatl.serving.precision import LOAD_DTYPES, apply_precision, check_precision, model_precision, use_bf16_kernel
+from xatl.serving.precision import (
+    LOAD_DTYPES,
+    apply_precision,
+    check_precision,
+    model_precision,
+    use_bf16_kernel,
+    use_fp32_kernel,
+)
 from xatl.serving.sampling import SamplingParams, sample_next_tokens
 from xatl.serving.text import IncrementalDetokenizer, StopMatcher
 
@@ -232,8 +239,11 @@ class Engine:
         if precision is not None:
             model = apply_precision(model, precision)
         self.precision = model_precision(model)
-        if self.precision == "bf16" and model.device.type == "cpu":
-            use_bf16_kernel(model)  # xatl's bf16 matrix products, where its kernels are built
+        # xatl's matrix products for a decode step on a CPU, where its kernels are built
+        if model.device.type == "cpu" and self.precision == "bf16":
+            use_bf16_kernel(model)
+        elif model.device.type == "cpu" and self.precision == "fp32":
+            use_fp32_kernel(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

@@ -1,6 +1,7 @@
 """The precision of a model's weights in the engine: fp32, bf16 or int8, chosen per model.
 
-- fp32: every weight in float32.
+- fp32: every weight in float32. The engine runs the linear layers as `Fp32Linear`: xatl's kernel
+  for a decode step's few rows, torch's linear for a prefill.
 - bf16: every weight (embeddings, norms and LM head included) in bfloat16; activations run in
   bfloat16 between the layers. The engine runs the linear layers as `Bf16Linear`: xatl's kernel
   (`xatl.kernels`, float32 sums) for a decode step's few rows, torch's linear for a prefill.
@@ -68,6 +69,9 @@ class Bf16Linear(nn.Linear):
     other case are nn.Linear's. `kernel = "torch"` asks for torch's linear."""
 
     kernel = "xatl"
+    #: the weights' dtype this layer's kernel multiplies, and the kernel
+    kernel_dtype = torch.bfloat16
+    kernel_op = "bf16_linear"
     #: rows up to which xatl's kernel runs (None: any number; `use_bf16_kernel` sets it by the CPU):
     #: with AVX512-BF16 on one core it took 0.29-0.33x torch's time for one row, 0.59-0.78x for 8,
     #: 0.83-1.00x for 16 and 1.30-1.41x for 512 (bench/results/kernels/avx512); with AVX2 alone,
@@ -76,14 +80,25 @@ class Bf16Linear(nn.Linear):
     max_rows: int | None = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        runs = (self.kernel == "xatl" and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+        dtype = self.kernel_dtype
+        runs = (self.kernel == "xatl" and x.dtype == self.weight.dtype == dtype and x.device.type == "cpu"
                 and self.in_features % 32 == 0 and not torch.is_grad_enabled()
-                and (self.bias is None or self.bias.dtype == torch.bfloat16))
+                and (self.bias is None or self.bias.dtype == dtype))
         if runs and (self.max_rows is None or x.numel() <= self.max_rows * self.in_features):
             flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
-            out = torch.ops.xatl.bf16_linear(flat, self.weight.contiguous(), self.bias)
+            out = getattr(torch.ops.xatl, self.kernel_op)(flat, self.weight.contiguous(), self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
+
+
+class Fp32Linear(Bf16Linear):
+    """`Bf16Linear` for float32 weights (`torch.ops.xatl.f32_linear`): torch's float32 product of one
+    row read the LM head of random-width512 at 0.57x the memory's bandwidth on an AVX2 machine."""
+
+    kernel_dtype = torch.float32
+    kernel_op = "f32_linear"
+    #: rows up to which xatl's kernel runs: a decode step's (bench/results/kernels/<cpu>: fp32)
+    max_rows: int | None = 8
 
 
 def use_bf16_kernel(model: nn.Module) -> bool:
@@ -92,12 +107,19 @@ def use_bf16_kernel(model: nn.Module) -> bool:
     if not load_kernels():
         return False
     # torch's linear overtakes the kernel past a few rows only where it has AVX512-BF16 (max_rows)
-    max_rows = Bf16Linear.max_rows if kernel_path("bf16") == "avx512-bf16" else None
+    return _use_kernel(model, Bf16Linear, Bf16Linear.max_rows if kernel_path("bf16") == "avx512-bf16" else None)
 
+
+def use_fp32_kernel(model: nn.Module) -> bool:
+    """`use_bf16_kernel` for a float32 model: an `Fp32Linear` in place of each `nn.Linear`."""
+    return load_kernels() and _use_kernel(model, Fp32Linear, Fp32Linear.max_rows)
+
+
+def _use_kernel(model: nn.Module, layer_class: type[Bf16Linear], max_rows: int | None) -> bool:
     def swap(name: str, linear: nn.Linear) -> Bf16Linear | None:
         if isinstance(linear, Bf16Linear):
             return None
-        layer = Bf16Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer = layer_class(linear.in_features, linear.out_features, bias=False, device="meta")
         layer.max_rows = max_rows
         layer.weight, layer.bias = linear.weight, linear.bias  # shared (a tied LM head stays tied)
         return layer
@@ -153,5 +175,5 @@ def model_precision(model: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-__all__ = ["LOAD_DTYPES", "PRECISIONS", "Bf16Linear", "apply_precision", "check_precision", "model_precision",
-           "save_at_precision", "use_bf16_kernel", "weight_bytes"]
+__all__ = ["LOAD_DTYPES", "PRECISIONS", "Bf16Linear", "Fp32Linear", "apply_precision", "check_precision",
+           "model_precision", "save_at_precision", "use_bf16_kernel", "use_fp32_kernel", "weight_bytes"]
