@@ -3,9 +3,9 @@ per token, what it costs at load, whether the first request waits for it, and ho
 from the bandwidth bound of the bytes it reads.
 
 The model is `run.py`'s `random-width512` converted to GLA (a random-weight 66M Llama: width 512, 8
-layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32; bf16 and int8 on
-xatl's kernels; bf16-torch and int8-torch: the same weights on torch's linear and `_weight_int8pack_mm`) one
-engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
+layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16 and int8 on
+xatl's kernels; fp32-torch, bf16-torch and int8-torch: the same weights on torch's linear and
+`_weight_int8pack_mm`) one engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
 int8 ones as inputs, as the service's `auto` does where this measured it faster: bf16, int8).
 
 1. Load: an engine is created and a request (a 64-token prompt, 32 new tokens) is submitted at once,
@@ -50,12 +50,13 @@ from xatl.kernels import kernel_path, load_kernels  # noqa: E402
 from xatl.quantization import use_int8_kernel  # noqa: E402
 from xatl.serving import Engine, SamplingParams, apply_precision  # noqa: E402
 from xatl.serving import compiled as compiling  # noqa: E402
-from xatl.serving.precision import Bf16Linear, use_bf16_kernel  # noqa: E402
+from xatl.serving.precision import Bf16Linear, use_bf16_kernel, use_fp32_kernel  # noqa: E402
 
 #: "int8-torch": int8 weights multiplied by torch's `_weight_int8pack_mm` (bfloat16 activations), the
 #: kernel int8 layers used before xatl's own (`torch.ops.xatl.int8_linear`, "int8"); "bf16-torch":
-#: bf16 weights multiplied by torch's linear instead of `torch.ops.xatl.bf16_linear` ("bf16")
-PRECISIONS = ("fp32", "bf16", "bf16-torch", "int8", "int8-torch")
+#: bf16 weights multiplied by torch's linear instead of `torch.ops.xatl.bf16_linear` ("bf16"); "fp32-torch":
+#: float32 weights by torch's linear instead of `torch.ops.xatl.f32_linear` ("fp32")
+PRECISIONS = ("fp32", "fp32-torch", "bf16", "bf16-torch", "int8", "int8-torch")
 
 
 def engines_for(model, tokenizer, precision: str) -> dict[str, Callable[[], Engine]]:
@@ -72,10 +73,12 @@ def at_precision(model, precision: str):
     model = copy.deepcopy(model)
     if precision == "int8-torch":
         use_int8_kernel(apply_precision(model, "int8"), "torch")
-    elif precision == "bf16-torch" and use_bf16_kernel(apply_precision(model, "bf16")):
-        for layer in model.modules():
-            if isinstance(layer, Bf16Linear):
-                layer.kernel = "torch"  # the engine leaves Bf16Linear layers as they are
+    elif precision in ("bf16-torch", "fp32-torch"):
+        use_kernel = use_bf16_kernel if precision == "bf16-torch" else use_fp32_kernel
+        if use_kernel(apply_precision(model, precision.split("-")[0])):
+            for layer in model.modules():
+                if isinstance(layer, Bf16Linear):  # Fp32Linear too
+                    layer.kernel = "torch"  # the engine leaves these layers as they are
     return model
 
 
@@ -151,6 +154,7 @@ def main() -> None:
     result["environment"] = environment()
     result["int8_kernel_path"] = kernel_path("int8") if load_kernels() else None
     result["bf16_kernel_path"] = kernel_path("bf16") if load_kernels() else None
+    result["fp32_kernel_path"] = kernel_path("fp32") if load_kernels() else None
     out = args.out or by_cpu_capability("generation/compile")
     print(f"wrote {write_results(out, result, markdown(result))}")
 
@@ -180,12 +184,13 @@ def markdown(result: dict) -> str:
                    f"| {row['bytes_read_per_step'] / 1e6:.1f} | {row['bound_s'] * 1e3:.2f} "
                    f"| {row['times_bound']:.2f}x |")
     steps = {(row["context"], row["precision"], row["compile"]): row["step_median_s"] for row in result["decode"]}
-    for precision in ("int8", "bf16"):
+    for precision in ("int8", "bf16", "fp32"):
         kernels = [(context, mode, steps[context, f"{precision}-torch", mode] / step)
                    for (context, name, mode), step in steps.items()
                    if name == precision and (context, f"{precision}-torch", mode) in steps]
         if kernels:
-            out += ["", f"{precision} layers on xatl's kernel (`torch.ops.xatl.{precision}_linear`, "
+            op = "f32_linear" if precision == "fp32" else f"{precision}_linear"
+            out += ["", f"{precision} layers on xatl's kernel (`torch.ops.xatl.{op}`, "
                     f"{result.get(f'{precision}_kernel_path')} path) against torch's ({precision}-torch), "
                     "tokens/s ratio:", "", f"| context | step | {precision} / {precision}-torch |", "|---|---|---|"]
             out += [f"| {context:,} | {mode} | {ratio:.2f}x |" for context, mode, ratio in kernels]

@@ -5,7 +5,8 @@ rows (a decode step's batch) or 512 (a prefill chunk), one thread, the kernels' 
 - int8: `torch.ops.xatl.int8_linear` (float32 activations quantised in blocks of 32, scales and no
   bias applied) against `torch._weight_int8pack_mm` as `Int8Linear` runs it (bfloat16 activations,
   float32 scales after);
-- bf16: `torch.ops.xatl.bf16_linear` against `torch.nn.functional.linear` on bfloat16 tensors.
+- bf16: `torch.ops.xatl.bf16_linear` against `torch.nn.functional.linear` on bfloat16 tensors;
+- fp32: `torch.ops.xatl.f32_linear` against `torch.nn.functional.linear` on float32 tensors.
 
 The bound: the weight's bytes over the machine's copy bandwidth (read + write of 256 MB); weights of
 512 x 512 fit in the cache, so a loop over one of them can beat it.
@@ -47,14 +48,16 @@ def medians(calls: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def products(x, int8, scale, unit, bf16) -> dict:
-    """The four products of activations `x` (N, K) with the (O, K) weights, by name."""
+def products(x, int8, scale, unit, bf16, fp32) -> dict:
+    """The six products of activations `x` (N, K) with the (O, K) weights, by name."""
     xb = x.bfloat16()
     return {
         "int8_torch": lambda: torch._weight_int8pack_mm(x.bfloat16(), int8, unit).float().mul_(scale),
         "int8_xatl": lambda: torch.ops.xatl.int8_linear(x, int8, scale, None),
         "bf16_torch": lambda: torch.nn.functional.linear(xb, bf16),
         "bf16_xatl": lambda: torch.ops.xatl.bf16_linear(xb, bf16, None),
+        "fp32_torch": lambda: torch.nn.functional.linear(x, fp32),
+        "fp32_xatl": lambda: torch.ops.xatl.f32_linear(x, fp32, None),
     }
 
 
@@ -71,17 +74,19 @@ def main() -> None:
     for out_features, in_features in SHAPES:
         int8 = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
         scale, unit = torch.rand(out_features, generator=generator), torch.ones(out_features, dtype=torch.bfloat16)
-        bf16 = torch.randn(out_features, in_features, generator=generator).bfloat16()
+        fp32 = torch.randn(out_features, in_features, generator=generator)
+        bf16 = fp32.bfloat16()
         for rows in ROWS:
             x = torch.randn(rows, in_features, generator=generator)
             repeats = args.repeats if rows < 512 else max(3, args.repeats // 5)
-            got = medians(products(x, int8, scale, unit, bf16), repeats)
+            got = medians(products(x, int8, scale, unit, bf16, fp32), repeats)
             rows_out.append({"out": out_features, "in": in_features, "rows": rows,
                              **{f"{name}_s": seconds for name, seconds in got.items()},
                              "int8_bound_s": out_features * in_features / bandwidth,
-                             "bf16_bound_s": 2 * out_features * in_features / bandwidth})
+                             "bf16_bound_s": 2 * out_features * in_features / bandwidth,
+                             "fp32_bound_s": 4 * out_features * in_features / bandwidth})
             print(rows_out[-1], flush=True)
-    result = {"copy_bandwidth_bytes_per_s": bandwidth, "paths": {p: kernel_path(p) for p in ("int8", "bf16")},
+    result = {"copy_bandwidth_bytes_per_s": bandwidth, "paths": {p: kernel_path(p) for p in ("int8", "bf16", "fp32")},
               "rows": rows_out, "settings": vars(args), "environment": environment()}
     print(f"wrote {write_results(by_cpu_capability('kernels'), result, markdown(result))}")
 
@@ -90,15 +95,16 @@ def markdown(result: dict) -> str:
     paths = result["paths"]
     out = ["# xatl's CPU kernels against torch's, one product (issue 16)", "",
            f"One thread; median µs of interleaved calls; xatl's paths here: int8 {paths['int8']}, bf16 "
-           f"{paths['bf16']}. Bound: the weight's bytes over the copy bandwidth "
-           f"({result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s); 512 x 512 weights stay in the cache.", "",
-           "| weight (out x in) | rows | int8: torch | int8: xatl | torch / xatl | int8 bound "
-           "| bf16: torch | bf16: xatl | torch / xatl | bf16 bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+           f"{paths['bf16']}, fp32 {paths.get('fp32', '-')}. Bound: the weight's bytes over the copy bandwidth "
+           f"({result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s); 512 x 512 weights stay in the cache.", ""]
+    precisions = [p for p in ("int8", "bf16", "fp32") if f"{p}_xatl_s" in result["rows"][0]]
+    out.append("| weight (out x in) | rows | " + " | ".join(
+        f"{p}: torch | {p}: xatl | torch / xatl | {p} bound" for p in precisions) + " |")
+    out.append("|---|---|" + "---|---|---|---|" * len(precisions))
     for r in result["rows"]:
-        out.append(f"| {r['out']} x {r['in']} | {r['rows']} | {r['int8_torch_s'] * 1e6:.1f} "
-                   f"| {r['int8_xatl_s'] * 1e6:.1f} | {r['int8_torch_s'] / r['int8_xatl_s']:.2f}x "
-                   f"| {r['int8_bound_s'] * 1e6:.1f} | {r['bf16_torch_s'] * 1e6:.1f} | {r['bf16_xatl_s'] * 1e6:.1f} "
-                   f"| {r['bf16_torch_s'] / r['bf16_xatl_s']:.2f}x | {r['bf16_bound_s'] * 1e6:.1f} |")
+        cells = [f"{r[f'{p}_torch_s'] * 1e6:.1f} | {r[f'{p}_xatl_s'] * 1e6:.1f} | "
+                 f"{r[f'{p}_torch_s'] / r[f'{p}_xatl_s']:.2f}x | {r[f'{p}_bound_s'] * 1e6:.1f}" for p in precisions]
+        out.append(f"| {r['out']} x {r['in']} | {r['rows']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
