@@ -5,8 +5,9 @@ from the bandwidth bound of the bytes it reads.
 The model is `run.py`'s `random-width512` converted to GLA (a random-weight 66M Llama: width 512, 8
 layers, 32,000-token vocabulary), torch on one thread. For each precision (fp32, bf16 and int8 on
 xatl's kernels; fp32-torch, bf16-torch and int8-torch: the same weights on torch's linear and
-`_weight_int8pack_mm`) one engine decodes eagerly and one compiles its step (`compile="on"`: inductor, float weights frozen,
-int8 ones as inputs, as the service's `auto` does where this measured it faster: bf16, int8).
+`_weight_int8pack_mm`) one engine decodes eagerly and one compiles its step (`compile="on"`:
+inductor, float weights frozen, int8 ones as inputs, as the service's `auto` does where this
+measured it faster: bf16, int8).
 
 1. Load: an engine is created and a request (a 64-token prompt, 32 new tokens) is submitted at once,
    while the step compiles on its own thread: its time to first token and tokens/s, and the seconds
