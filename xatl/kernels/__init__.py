@@ -17,20 +17,21 @@ Each picks its path at run time (`path` 0: the best this CPU has; the tests ask 
 torch's kernels on one core (bench/kernels/run.py, bench/results/kernels/<cpu>; median µs of
 interleaved calls, random-width512's shapes), torch's / xatl's:
 
-| weight (out x in) | rows | AVX512 int8 | AVX512 bf16 | AVX2 int8 | AVX2 bf16 |
-|---|---|---|---|---|---|
-| 2048 x 512 | 1 | 67.1 / 26.3 | 100.2 / 33.3 | 164.5 / 58.1 | 289.3 / 93.1 |
-| 2048 x 512 | 8 | 242.2 / 162.8 | 157.2 / 123.0 | 755.7 / 320.8 | 2285 / 540 |
-| 2048 x 512 | 512 (a prefill chunk) | 15229 / 9490 | 5448 / 7690 | 39612 / 19103 | 145236 / 27957 |
-| 32000 x 512 (LM head) | 1 | 1284 / 738 | 3780 / 1125 | 5304 / 2145 | 6431 / 4063 |
-| 32000 x 512 | 16 | 8230 / 5117 | 6134 / 5577 | 24628 / 9576 | 70368 / 16449 |
+| weight (out x in) | rows | AVX512 int8 | AVX512 bf16 | AVX2 int8 | AVX2 bf16 | AVX2 fp32 |
+|---|---|---|---|---|---|---|
+| 2048 x 512 | 1 | 67.1 / 26.3 | 100.2 / 33.3 | 207.8 / 81.0 | 313.6 / 118.3 | 334.4 / 239.9 |
+| 2048 x 512 | 8 | 242.2 / 162.8 | 157.2 / 123.0 | 764.7 / 323.4 | 2286 / 478 | 1189 / 565 |
+| 2048 x 512 | 512 (a prefill chunk) | 15229 / 9490 | 5448 / 7690 | 38848 / 18629 | 140157 / 25095 | 19807 / 21497 |
+| 32000 x 512 (LM head) | 1 | 1284 / 738 | 3780 / 1125 | 4539 / 1912 | 5606 / 3803 | 11895 / 6685 |
+| 32000 x 512 | 16 | 8230 / 5117 | 6134 / 5577 | 21274 / 8903 | 67157 / 15120 | 33362 / 17141 |
 
-(AVX512: an AMD EPYC with AVX512-VNNI and AVX512-BF16, copy bandwidth 25.9 GB/s; AVX2: an AMD
-EPYC without AVX512, 10.4 GB/s. The bound of a weight, its bytes over that bandwidth, is 40.5 µs
-int8 and 81.1 µs bf16 for 2048 x 512 with AVX512, 101 and 202 µs with AVX2; a loop over the same
-weight may find it in the cache, as the bf16 LM head did.) So `Bf16Linear` runs xatl's kernel for
-up to 8 rows only where torch has AVX512-BF16, for any number of rows elsewhere; the int8 one is
-faster at every size on both.
+(AVX512: an AMD EPYC with AVX512-VNNI and AVX512-BF16, copy bandwidth 25.9 GB/s, before the fp32
+kernel; AVX2: an AMD EPYC without AVX512, 10.7 GB/s. The bound of a weight, its bytes over that
+bandwidth, is 40.5 µs int8 and 81.1 µs bf16 for 2048 x 512 with AVX512, 98, 196 and 393 µs int8,
+bf16 and fp32 with AVX2; a loop over the same weight may find it in the cache, as the bf16 LM head
+did.) So `Bf16Linear` runs xatl's kernel for up to 8 rows only where torch has AVX512-BF16, for any
+number of rows elsewhere; `Fp32Linear` for up to 8 rows (torch's, MKL's, is faster for 512); the
+int8 one is faster at every size on both.
 
 The AVX2 paths multiply tiles of up to 4 weight rows, prefetching the next tile: their rows are a
 row apart, streams too short for the hardware prefetcher (without it the LM head took twice as

@@ -75,7 +75,7 @@ class Bf16Linear(nn.Linear):
     #: rows up to which xatl's kernel runs (None: any number; `use_bf16_kernel` sets it by the CPU):
     #: with AVX512-BF16 on one core it took 0.29-0.33x torch's time for one row, 0.59-0.78x for 8,
     #: 0.83-1.00x for 16 and 1.30-1.41x for 512 (bench/results/kernels/avx512); with AVX2 alone,
-    #: where torch's bf16 linear has no bf16 instructions, 0.19-0.63x at every count, 512 included
+    #: where torch's bf16 linear has no bf16 instructions, 0.17-0.68x at every count, 512 included
     #: (bench/results/kernels/avx2)
     max_rows: int | None = 8
 
@@ -93,11 +93,13 @@ class Bf16Linear(nn.Linear):
 
 class Fp32Linear(Bf16Linear):
     """`Bf16Linear` for float32 weights (`torch.ops.xatl.f32_linear`): torch's float32 product of one
-    row read the LM head of random-width512 at 0.57x the memory's bandwidth on an AVX2 machine."""
+    row read the LM head of random-width512 at 0.52x the memory's bandwidth on an AVX2 machine,
+    xatl's at 0.92x (bench/results/kernels/avx2)."""
 
     kernel_dtype = torch.float32
     kernel_op = "f32_linear"
-    #: rows up to which xatl's kernel runs: a decode step's (bench/results/kernels/<cpu>: fp32)
+    #: rows up to which xatl's kernel runs: with AVX2 on one core it took 0.35-0.93x torch's time for
+    #: 1-16 rows, 1.09-1.82x for 512 (bench/results/kernels/avx2; AVX512 not measured yet)
     max_rows: int | None = 8
 
 
