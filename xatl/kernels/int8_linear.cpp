@@ -165,10 +165,7 @@ struct Avx2 {
   template <int NT>
   __attribute__((target("avx2,fma"))) static void rows(const int8_t* w, int64_t o0, int64_t o1,
                                                        const Activations& x, int64_t n0, const Output& y) {
-    constexpr int R = kWeightRows(NT);
-    int64_t o = o0;
-    for (; o + R <= o1; o += R) tile<R, NT>(w, o, x, n0, y);
-    for (; o < o1; ++o) tile<1, NT>(w, o, x, n0, y);
+    in_tiles_avx2<Avx2, kWeightRows(NT), NT>(w, o0, o1, x, n0, y);
   }
 
   // weight rows o .. o + R - 1 by activation rows n0 .. n0 + NT - 1

@@ -48,6 +48,16 @@ inline void prefetch_next_tile(const void* next_tile, int64_t step) {
   for (int line = 0; line < kBytes; line += 64) _mm_prefetch(at + line, _MM_HINT_T0);
 }
 
+// An AVX2 path's `rows<NT>`: weight rows o0 .. o1 - 1 in tiles of R (`Path::tile<R, NT>`), the rows
+// left over one at a time (`tile<1, NT>`).
+template <class Path, int R, int NT, class Weight, class Inputs, class Output>
+__attribute__((target("avx2,fma"))) inline void in_tiles_avx2(const Weight* w, int64_t o0, int64_t o1,
+                                                              const Inputs& x, int64_t n0, const Output& y) {
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) Path::template tile<R, NT>(w, o, x, n0, y);
+  for (; o < o1; ++o) Path::template tile<1, NT>(w, o, x, n0, y);
+}
+
 // All products through one path: `Path::rows<NT>(w, o0, o1, x, n0, y)` multiplies weight rows
 // o0 .. o1 - 1 by activation rows n0 .. n0 + NT - 1 (NT a template argument, so that a tile's
 // accumulators stay in registers). Threads split the weight rows: each reads its rows once, for
