@@ -7,15 +7,18 @@ the kernels without a Python frame per op) and, with frozen weights, prepacks th
 
 | precision | AMD EPYC, AVX512-BF16 and VNNI | AMD EPYC, AVX2 only |
 |---|---|---|
-| bf16, xatl's kernel (frozen) | 1.43-1.58x | not measured |
-| bf16, torch's linear (frozen) | 1.25-1.30x (an earlier run: 1.17-1.18x) | 1.38-1.47x |
-| int8, xatl's kernel (weights not frozen) | 1.56-1.72x (two runs) | not measured |
-| int8, torch's `_weight_int8pack_mm` | fails to lower: stays eager | 1.54-1.72x |
-| fp32 (frozen) | 1.12-1.24x (an earlier run: 0.94-0.98x) | 1.24x |
+| bf16, xatl's kernel (frozen) | 1.43-1.58x | 1.59-1.74x |
+| bf16, torch's linear (frozen) | 1.25-1.30x (an earlier run: 1.17-1.18x) | 1.46-1.48x |
+| int8, xatl's kernel (weights not frozen) | 1.56-1.72x (two runs) | 2.04-2.20x |
+| int8, torch's `_weight_int8pack_mm` | fails to lower: stays eager | fails to lower (an older run: 1.54-1.72x) |
+| fp32, xatl's kernel (frozen) | not measured | 1.39-1.49x |
+| fp32, torch's linear (frozen) | 1.12-1.24x (an earlier run: 0.94-0.98x) | 1.21-1.31x |
 
-So "auto" compiles bf16 and int8 on a CPU. fp32 stays eager: where the memory is fast it is bound
-by reading 209 MB of weights a step, one run with AVX512 measured it no faster, and compiling it
-takes the longest (93-159 s). The int8 layers (`xatl.quantization.Int8Linear`) compile with their
+(AVX2 column: the step as it is since the rotary tables became its inputs and its modules' guards
+were skipped, `xatl.serving.batch`; the AVX512 one before.) So "auto" compiles bf16 and int8 on a
+CPU. fp32 stays eager: where the memory is fast it is bound by reading 209 MB of weights a step, one
+run with AVX512 measured it no faster (before xatl's fp32 kernel; with it, AVX2 measured 1.39-1.49x,
+AVX512 is still to measure), and compiling it takes the longest (93-178 s). The int8 layers (`xatl.quantization.Int8Linear`) compile with their
 weights as plain inputs: frozen, inductor fails to lower torch's int8 kernel (torch 2.13); with
 AVX512 it fails to lower that kernel at all, and the step stays eager, as it does whenever
 compiling fails. xatl's own int8 kernel (`xatl.kernels`) is an op inductor calls as it is.
