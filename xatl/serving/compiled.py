@@ -21,7 +21,8 @@ run with AVX512 measured it no faster (before xatl's fp32 kernel; with it, AVX2 
 AVX512 is still to measure), and compiling it takes the longest (93-178 s). The int8 layers
 (`xatl.quantization.Int8Linear`) compile with their weights as plain inputs: frozen, inductor fails
 to lower torch's int8 kernel (torch 2.13); with AVX512, and in the latest AVX2 run, it fails to
-lower that kernel at all, and the step stays eager, as it does whenever compiling fails. xatl's own int8 kernel (`xatl.kernels`) is an op inductor calls as it is.
+lower that kernel at all, and the step stays eager, as it does whenever compiling fails. xatl's own
+int8 kernel (`xatl.kernels`) is an op inductor calls as it is.
 
 Compiling costs tens of seconds to minutes (62-128 s on 2 shared cores with AVX512, 134-159 s with
 AVX2 alone). `StepCompiler` pays it at load on a thread of its own: the engine decodes eagerly
